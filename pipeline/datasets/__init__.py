@@ -1,0 +1,1 @@
+"""Datasets in the VG benchmark layout: name parsing, indexing, the synthetic demo set."""

@@ -1,0 +1,120 @@
+"""Recall@N of top-k lists: a query is correct at N when one of its first N
+candidates lies within ``threshold`` metres (UTM) of it.
+
+Positions are read from the VG benchmark names of the queries and candidates, so
+any top-k file, ours or imported, is evaluated the same way without the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .datasets.geo import common_zone_positions
+from .datasets.names import parse_name
+from .io import atomic_path
+from .topk import TopK, read_topk
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NS = (1, 5, 10, 20, 100)
+
+
+def _positions(names) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    pos = [parse_name(n) for n in names]
+    return (
+        np.array([[p.east, p.north] for p in pos], dtype=np.float64).reshape(-1, 2),
+        [p.zone_id for p in pos],
+        np.array([p.lat for p in pos], dtype=np.float64),
+        np.array([p.lon for p in pos], dtype=np.float64),
+    )
+
+
+def candidate_distances(topk: TopK) -> np.ndarray:
+    """``[Q, k]`` metres between each query and each of its candidates."""
+    q_xy, q_zone, q_lat, q_lon = _positions(topk.query_names)
+    c_xy, c_zone, c_lat, c_lon = _positions(topk.candidate_names.ravel())
+    xy, _ = common_zone_positions(
+        np.concatenate([q_xy[:, 0], c_xy[:, 0]]), np.concatenate([q_xy[:, 1], c_xy[:, 1]]),
+        q_zone + c_zone, np.concatenate([q_lat, c_lat]), np.concatenate([q_lon, c_lon]),
+        what="queries and candidates",
+    )
+    q = xy[: len(q_xy)]
+    c = xy[len(q_xy) :].reshape(len(q_xy), topk.k, 2)
+    return np.linalg.norm(c - q[:, None, :], axis=2)
+
+
+def recall_at_n(correct: np.ndarray, ns=DEFAULT_NS) -> dict[int, float]:
+    """Recall@N in percent from a ``[Q, k]`` boolean matrix of correct candidates.
+
+    N larger than k gives NaN (the list is too short to say).
+    """
+    correct = np.asarray(correct, dtype=bool)
+    if correct.ndim != 2 or len(correct) == 0:
+        raise ValueError(f"need a non-empty [Q, k] matrix, got shape {correct.shape}")
+    first = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+    return {n: (100.0 * float(np.mean(first < n)) if n <= correct.shape[1] else math.nan) for n in ns}
+
+
+def evaluate_topk(topk: TopK | str | Path, threshold: float = 25.0, ns=DEFAULT_NS) -> dict:
+    """Recalls of one top-k list (a :class:`TopK` or a path to one)."""
+    if not isinstance(topk, TopK):
+        topk = read_topk(topk)
+    correct = candidate_distances(topk) <= threshold
+    rec = recall_at_n(correct, ns)
+    return {
+        **{f"R@{n}": rec[n] for n in ns},
+        "n_queries": len(topk),
+        "n_skipped_queries": len(topk.meta.get("skipped_queries", [])),
+        "threshold_m": threshold,
+        "k": topk.k,
+    }
+
+
+def format_table(rows: list[dict], ns=DEFAULT_NS) -> str:
+    head = ["method"] + [f"R@{n}" for n in ns] + ["queries"]
+    lines = [head]
+    for r in rows:
+        lines.append([str(r.get("method", ""))] + [f"{r[f'R@{n}']:.1f}" for n in ns] + [str(r["n_queries"])])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines)
+
+
+def write_results(path, rows: list[dict]) -> None:
+    """Write result rows (dicts; nested values as JSON) as a CSV, atomically."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else
+                                (f"{v:.2f}" if isinstance(v, float) else v)) for k, v in r.items()})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Recall@N of top-k files (ours or the thesis's stage-1 HDF5).")
+    p.add_argument("topk", nargs="+", help="top-k HDF5 files")
+    p.add_argument("--threshold", type=float, default=25.0, help="metres (default 25)")
+    p.add_argument("--ns", type=int, nargs="+", default=list(DEFAULT_NS))
+    p.add_argument("--out", help="also write the table as CSV here")
+    a = p.parse_args(argv)
+    rows = []
+    for path in a.topk:
+        r = evaluate_topk(path, a.threshold, a.ns)
+        rows.append({"method": Path(path).stem, **r})
+    print(format_table(rows, a.ns))
+    if a.out:
+        write_results(a.out, rows)
+
+
+if __name__ == "__main__":
+    main()

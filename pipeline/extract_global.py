@@ -1,0 +1,323 @@
+"""Global-descriptor extraction into chunked, resumable Zarr stores.
+
+One store holds one shard of one split (a contiguous range of rows of the split's
+index table). Extraction
+
+- reads images with a DataLoader (decoding overlaps the model's work), batches
+  them, and writes descriptors chunk by chunk into ``<out>.partial`` (a Zarr
+  group: ``descriptors [n, D]``, ``valid [n]``);
+- marks each finished chunk in ``<out>.progress/``; a killed run resumes from the
+  first unfinished chunk and never recomputes a finished one;
+- records unreadable images (``valid = False``, reason in the attributes) instead
+  of failing the whole shard;
+- renames ``<out>.partial`` to ``<out>`` only when every chunk is done, so the
+  final name always holds a complete store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .datasets.index import read_table
+from .global_features import build_model
+from .images import ImageReadError, load_tensor
+from .io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+
+
+def conf_hash(conf) -> str:
+    return hashlib.sha1(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def shard_range(n: int, shard_size: int, shard: int) -> tuple[int, int]:
+    n_shards = num_shards(n, shard_size)
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} out of range: {n} images in {n_shards} shards of {shard_size}")
+    return shard * shard_size, min(n, (shard + 1) * shard_size)
+
+
+def num_shards(n: int, shard_size: int) -> int:
+    return max(1, -(-n // shard_size))
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+class ImageList(Dataset):
+    """Images of a dataset by relative name; unreadable ones come back as errors."""
+
+    def __init__(self, root: Path, names: list[str], resize=None):
+        self.root, self.names, self.resize = Path(root), names, resize
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        try:
+            return i, load_tensor(self.root / self.names[i], self.resize), None
+        except ImageReadError as e:
+            return i, None, str(e)
+
+
+def _collate(batch):
+    return batch
+
+
+def image_loader(root, names, resize, batch_size, num_workers) -> DataLoader:
+    return DataLoader(
+        ImageList(root, names, resize), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=_collate, shuffle=False,
+    )
+
+
+def load_model(model_conf: dict, fit_state: str | Path | None, device: torch.device):
+    model = build_model(model_conf)
+    if model.needs_fit:
+        if fit_state is None:
+            raise ValueError(f"global model {model_conf['name']!r} must be fitted: pass its fit state file")
+        model.load_fit(torch.load(fit_state, map_location="cpu", weights_only=True))
+    return model.eval().to(device)
+
+
+@torch.inference_mode()
+def describe_batch(model, batch, device) -> tuple[list[int], np.ndarray | None, list[tuple[int, str]]]:
+    """Run the model on one loader batch. Returns (indices, descriptors, errors)."""
+    ok = [(i, t) for i, t, err in batch if t is not None]
+    errors = [(i, err) for i, t, err in batch if t is None]
+    if not ok:
+        return [], None, errors
+    idx = [i for i, _ in ok]
+    tensors = [t for _, t in ok]
+    if all(t.shape == tensors[0].shape for t in tensors):
+        desc = model(torch.stack(tensors).to(device))
+    else:  # images of different sizes: one at a time
+        desc = torch.cat([model(t[None].to(device)) for t in tensors])
+    return idx, desc.float().cpu().numpy(), errors
+
+
+def extract_global(
+    model_conf: dict,
+    root: str | Path,
+    names: list[str],
+    out: str | Path,
+    fit_state: str | Path | None = None,
+    batch_size: int = 16,
+    num_workers: int = 1,
+    chunk_size: int = 1024,
+    device: str = "auto",
+    dtype: str = "float32",
+    meta: dict | None = None,
+) -> dict:
+    """Describe ``names`` (relative to ``root``) into the Zarr store ``out``."""
+    out = Path(out)
+    batch_size = max(1, min(batch_size, chunk_size))
+    if out.exists():
+        logger.info("%s exists: nothing to do", out)
+        return dict(zarr.open_group(str(out), mode="r").attrs)
+    partial = out.with_name(out.name + ".partial")
+    progress = out.with_name(out.name + ".progress")
+    dev = pick_device(device)
+    model = load_model(model_conf, fit_state, dev)
+    n, dim = len(names), model.dim
+    n_chunks = max(1, -(-n // chunk_size))
+    signature = {
+        "version": STORE_VERSION, "model": model_conf, "n": n, "dim": dim, "chunk_size": chunk_size,
+        "dtype": dtype, "names_hash": conf_hash(names),
+        "fit_state_hash": _file_hash(fit_state) if fit_state else None,
+    }
+    group = _open_partial(partial, progress, signature)
+    desc_arr, valid_arr = group["descriptors"], group["valid"]
+    done = {int(p.name.split("_")[1]) for p in progress.glob("chunk_*")}
+    todo = [c for c in range(n_chunks) if c not in done]
+    if done:
+        logger.info("%s: resuming, %d of %d chunks already done", out, len(done), n_chunks)
+    errors: dict[str, str] = json.loads((progress / "errors.json").read_text()) if (progress / "errors.json").exists() else {}
+    todo_idx = [i for c in todo for i in range(c * chunk_size, min(n, (c + 1) * chunk_size))]
+    loader = image_loader(root, [names[i] for i in todo_idx], model_conf.get("resize"), batch_size, num_workers)
+    # the buffer holds the current chunk plus the start of the next (a batch can straddle them)
+    buf_desc = np.zeros((chunk_size + batch_size, dim), np.float32)
+    buf_valid = np.zeros(chunk_size + batch_size, bool)
+    chunk_pos = 0  # index in `todo` of the chunk being filled
+    base = 0  # position in `todo_idx` of that chunk's first image
+    filled = 0
+    t0 = time.time()
+    bar = tqdm(total=len(todo_idx), desc=f"describe {out.name}", mininterval=2, unit="img")
+    for batch in loader:
+        idx, desc, errs = describe_batch(model, batch, dev)
+        for j, err in errs:
+            errors[names[todo_idx[j]]] = err
+            logger.warning("skipped (marked invalid): %s", err)
+        for k, j in enumerate(idx):
+            buf_desc[j - base], buf_valid[j - base] = desc[k], True
+        filled += len(batch)
+        bar.update(len(batch))
+        # flush every chunk that is now complete
+        while chunk_pos < len(todo):
+            c = todo[chunk_pos]
+            size = min(n, (c + 1) * chunk_size) - c * chunk_size
+            if filled < size:
+                break
+            desc_arr[c * chunk_size : c * chunk_size + size] = buf_desc[:size].astype(dtype)
+            valid_arr[c * chunk_size : c * chunk_size + size] = buf_valid[:size]
+            (progress / "errors.json").write_text(json.dumps(errors))
+            (progress / f"chunk_{c:06d}").touch()  # the chunk is on disk: mark it done
+            # carry over the part of the buffer that belongs to the next chunk
+            rest = filled - size
+            buf_desc[:rest] = buf_desc[size:filled]
+            buf_valid[:rest] = buf_valid[size:filled]
+            buf_valid[rest:] = False
+            buf_desc[rest:] = 0
+            filled = rest
+            base += size
+            chunk_pos += 1
+    bar.close()
+    elapsed = time.time() - t0
+    attrs = {
+        **signature, **(meta or {}), "names": list(names), "errors": errors,
+        "n_valid": int(np.asarray(valid_arr[:]).sum()), "seconds": elapsed,
+    }
+    group.attrs.update(attrs)
+    with atomic_path(out) as tmp:
+        partial.rename(tmp)
+    shutil.rmtree(progress, ignore_errors=True)
+    if errors:
+        logger.warning("%s: %d unreadable images marked invalid", out, len(errors))
+    logger.info("%s: %d images in %.1f s (%.1f img/s)", out, len(todo_idx), elapsed, len(todo_idx) / max(elapsed, 1e-9))
+    return attrs
+
+
+def _file_hash(path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def _open_partial(partial: Path, progress: Path, signature: dict):
+    """Open (or start) the partial store; restart it if it was made with other settings."""
+    sig_file = progress / "signature.json"
+    if partial.exists():
+        old = json.loads(sig_file.read_text()) if sig_file.exists() else None
+        if old == json.loads(json.dumps(signature, default=str)):
+            return zarr.open_group(str(partial), mode="r+")
+        logger.warning("%s was started with other settings: starting over", partial)
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(progress, ignore_errors=True)
+    progress.mkdir(parents=True)
+    group = zarr.open_group(str(partial), mode="w")
+    n, dim, cs = signature["n"], signature["dim"], signature["chunk_size"]
+    group.create_array("descriptors", shape=(n, dim), chunks=(min(cs, max(n, 1)), dim), dtype=signature["dtype"], fill_value=0)
+    group.create_array("valid", shape=(n,), chunks=(min(cs, max(n, 1)),), dtype=bool, fill_value=False)
+    sig_file.write_text(json.dumps(signature, default=str))
+    return group
+
+
+class GlobalStore:
+    """Read access to one finished descriptor store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: descriptor store not found")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r")
+            self.attrs = dict(self.group.attrs)
+            self.descriptors = self.group["descriptors"]
+            self.valid_arr = self.group["valid"]
+        except Exception as e:  # noqa: BLE001 - any zarr failure means a damaged store
+            raise ValueError(f"{self.path}: damaged descriptor store ({e}); delete it to re-extract") from None
+        if "names" not in self.attrs or len(self.attrs["names"]) != self.descriptors.shape[0]:
+            raise ValueError(f"{self.path}: incomplete descriptor store (no or wrong names); delete it to re-extract")
+
+    @property
+    def names(self) -> list[str]:
+        return self.attrs["names"]
+
+    @property
+    def dim(self) -> int:
+        return self.descriptors.shape[1]
+
+    def __len__(self):
+        return self.descriptors.shape[0]
+
+    def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        stop = len(self) if stop is None else stop
+        return np.asarray(self.descriptors[start:stop], dtype=np.float32), np.asarray(self.valid_arr[start:stop])
+
+
+def fit_global(
+    model_conf: dict, root, table, out, device: str = "auto", num_workers: int = 1
+) -> None:
+    """Fit a model that needs it (e.g. the VLAD codebook) on database images."""
+    df = read_table(table)
+    model = build_model(model_conf)
+    if not model.needs_fit:
+        raise ValueError(f"global model {model_conf['name']!r} needs no fit stage")
+    n_fit = min(model.conf["fit_images"], len(df))
+    # evenly spaced over the (sorted) database: deterministic and covers the whole area
+    rows = np.unique(np.linspace(0, len(df) - 1, n_fit).round().astype(int))
+    names = df.name.values[rows].tolist()
+    logger.info("fitting %s on %d of %d database images", model_conf["name"], len(names), len(df))
+    loader = image_loader(root, names, model_conf.get("resize"), 1, num_workers)
+
+    def images():
+        for batch in loader:
+            for _, t, err in batch:
+                if t is None:
+                    logger.warning("fit: skipped %s", err)
+                else:
+                    yield t
+
+    with torch.inference_mode():
+        state = model.fit(images())
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Extract global descriptors for one shard of one split.")
+    p.add_argument("--conf", required=True, help="global method conf as JSON")
+    p.add_argument("--root", required=True)
+    p.add_argument("--table", required=True, help="index table of the split (CSV)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=None)
+    p.add_argument("--fit-state", default=None)
+    a = p.parse_args(argv)
+    conf = json.loads(a.conf)
+    names = read_table(a.table).name.tolist()
+    if a.shard_size:
+        start, stop = shard_range(len(names), a.shard_size, a.shard)
+        names = names[start:stop]
+    run_extract(conf, a.root, names, a.out, a.fit_state)
+
+
+def run_extract(method_conf: dict, root, names, out, fit_state=None, meta=None):
+    ex = method_conf.get("extraction", {})
+    return extract_global(
+        method_conf["model"], root, names, out, fit_state=fit_state,
+        batch_size=ex.get("batch_size", 16), num_workers=ex.get("num_workers", 1),
+        chunk_size=ex.get("chunk_size", 1024), device=ex.get("device", "auto"),
+        dtype=ex.get("dtype", "float32"), meta=meta,
+    )

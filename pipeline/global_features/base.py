@@ -1,0 +1,66 @@
+"""Base class for global (image-level) descriptor models."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def merge_conf(default: dict, conf: dict | None, where: str) -> dict:
+    """Return ``default`` updated with ``conf``; unknown keys are an error naming ``where``."""
+    out = copy.deepcopy(default)
+    for key, value in (conf or {}).items():
+        if key not in out:
+            raise ValueError(
+                f"{where}: unknown option {key!r}; valid options are {sorted(out)}"
+            )
+        if isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = merge_conf(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+class GlobalModel(nn.Module):
+    """A model mapping a batch of RGB images to L2-normalised global descriptors.
+
+    Subclasses set ``default_conf`` and implement ``_forward``. Images come in as
+    float tensors ``[B, 3, H, W]`` with values in ``[0, 1]``; each model does its own
+    normalisation. Models that must be fitted on data (codebooks, whitening) set
+    ``needs_fit = True`` and implement ``fit``/``state_for_fit``/``load_fit``.
+    """
+
+    default_conf: dict[str, Any] = {}
+    needs_fit: bool = False
+    #: common options every model accepts (used by the data loader)
+    base_conf: dict[str, Any] = {"name": None, "resize": None}
+
+    def __init__(self, conf: dict | None = None):
+        super().__init__()
+        defaults = {**self.base_conf, **self.default_conf}
+        self.conf = merge_conf(defaults, conf, type(self).__name__)
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        desc = self._forward(images)
+        return nn.functional.normalize(desc, p=2, dim=-1)
+
+    # --- fitting (codebooks, PCA) -------------------------------------------------
+    def fit(self, images: Iterable[torch.Tensor]) -> dict:
+        """Fit on an iterable of single images ``[3, H, W]``; return the fitted state."""
+        raise TypeError(f"{type(self).__name__} needs no fitting")
+
+    def load_fit(self, state: dict) -> None:
+        raise TypeError(f"{type(self).__name__} needs no fitting")

@@ -1,0 +1,48 @@
+"""Reading images for the models: strict decoding and resizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class ImageReadError(OSError):
+    """An image file that cannot be decoded (missing, corrupt, truncated)."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an RGB image as ``uint8 [H, W, 3]``; raise ImageReadError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes fully: a truncated file raises here
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(f"{path}: cannot read image ({e})") from None
+
+
+def target_size(width: int, height: int, resize) -> tuple[int, int]:
+    """The ``(width, height)`` an image is resized to under the ``resize`` option.
+
+    ``None``: unchanged; an int: the longer side becomes that many pixels;
+    ``[height, width]``: exactly that size.
+    """
+    if resize is None:
+        return width, height
+    if isinstance(resize, int):
+        scale = resize / max(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+    h, w = resize
+    return int(w), int(h)
+
+
+def load_tensor(path: str | Path, resize=None) -> torch.Tensor:
+    """Read an image as a float tensor ``[3, H, W]`` in [0, 1], resized per ``resize``."""
+    img = read_image(path)
+    h, w = img.shape[:2]
+    tw, th = target_size(w, h, resize)
+    if (tw, th) != (w, h):
+        img = np.asarray(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)

@@ -1,0 +1,54 @@
+"""Base class for local feature extractors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..global_features.base import merge_conf
+
+
+def weights_file(path, model: str) -> Path:
+    """Check a configured weights path; raise naming the model and the path."""
+    if not path:
+        raise ValueError(f"{model}: no 'weights' path configured (weights are never downloaded)")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{model}: weights file {path} not found; set the path to the upstream checkpoint in config.yaml"
+        )
+    return path
+
+
+class LocalModel(nn.Module):
+    """Detects and describes keypoints in one image.
+
+    ``forward(image)`` takes a float RGB tensor ``[3, H, W]`` in [0, 1] and returns a
+    dict of tensors: ``keypoints [N, 2]`` (x, y pixels), ``descriptors [N, D]``
+    (L2-normalised) and ``scores [N]``.
+    """
+
+    default_conf: dict[str, Any] = {}
+    base_conf: dict[str, Any] = {"name": None, "max_keypoints": 1024}
+
+    def __init__(self, conf: dict | None = None):
+        super().__init__()
+        self.conf = merge_conf({**self.base_conf, **self.default_conf}, conf, type(self).__name__)
+
+    @property
+    def descriptor_dim(self) -> int:
+        raise NotImplementedError
+
+    def _forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected an image [3, H, W], got {tuple(image.shape)}")
+        out = self._forward(image)
+        out["descriptors"] = nn.functional.normalize(out["descriptors"].float(), dim=-1)
+        return out

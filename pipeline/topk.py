@@ -1,0 +1,131 @@
+"""Top-k candidate lists on disk.
+
+The format is the one the thesis's reference code writes (so its stage-1 files are
+read as they are): an HDF5 file with
+
+- ``queries_filenames [Q]``: query names;
+- ``top_candidates_filenames [Q, k]``: database names of each query's candidates,
+  best first;
+- ``top_candidates_index [Q, k]``: their row in the database table;
+- ``top_candidates_distances [Q, k]``: descriptor distances (ascending);
+
+plus, in files this project writes, a JSON ``meta`` attribute (method conf, k,
+index type, skipped queries, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .datasets.names import BadNameError, parse_name
+from .io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+KEYS = ("queries_filenames", "top_candidates_filenames", "top_candidates_index", "top_candidates_distances")
+
+
+class TopKFormatError(ValueError):
+    """A top-k file that does not follow the format."""
+
+
+@dataclass
+class TopK:
+    query_names: np.ndarray  # [Q] str
+    candidate_names: np.ndarray  # [Q, k] str
+    candidate_index: np.ndarray  # [Q, k] int64
+    distances: np.ndarray  # [Q, k] float32
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.query_names = np.asarray(self.query_names, dtype=object)
+        self.candidate_names = np.asarray(self.candidate_names, dtype=object)
+        self.candidate_index = np.asarray(self.candidate_index, dtype=np.int64)
+        self.distances = np.asarray(self.distances, dtype=np.float32)
+        q = len(self.query_names)
+        for what, arr in (("candidate names", self.candidate_names), ("candidate indices", self.candidate_index),
+                          ("distances", self.distances)):
+            if arr.ndim != 2 or arr.shape[0] != q:
+                raise TopKFormatError(f"{what} have shape {arr.shape}, expected ({q}, k)")
+        if not (self.candidate_names.shape == self.candidate_index.shape == self.distances.shape):
+            raise TopKFormatError(
+                f"inconsistent shapes: names {self.candidate_names.shape}, index {self.candidate_index.shape}, "
+                f"distances {self.distances.shape}"
+            )
+
+    @property
+    def k(self) -> int:
+        return self.candidate_names.shape[1]
+
+    def __len__(self):
+        return len(self.query_names)
+
+
+def _decode(arr) -> np.ndarray:
+    flat = [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(arr).ravel()]
+    return np.array(flat, dtype=object).reshape(np.shape(arr))
+
+
+def write_topk(path, topk: TopK) -> None:
+    str_dt = h5py.string_dtype()
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset(KEYS[0], data=topk.query_names.astype(str_dt), dtype=str_dt)
+            f.create_dataset(KEYS[1], data=topk.candidate_names.astype(str_dt), dtype=str_dt)
+            f.create_dataset(KEYS[2], data=topk.candidate_index)
+            f.create_dataset(KEYS[3], data=topk.distances)
+            f.attrs["meta"] = json.dumps(topk.meta, default=str)
+
+
+def read_topk(path) -> TopK:
+    """Read and check a top-k file; errors name the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: top-k file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise TopKFormatError(f"{path}: not a readable HDF5 file ({e}); delete it to rebuild it") from None
+    with f:
+        missing = [k for k in KEYS if k not in f]
+        if missing:
+            raise TopKFormatError(f"{path}: missing datasets {missing} (has {sorted(f.keys())})")
+        meta = json.loads(f.attrs["meta"]) if "meta" in f.attrs else {}
+        try:
+            return TopK(_decode(f[KEYS[0]][:]), _decode(f[KEYS[1]][:]), f[KEYS[2]][:], f[KEYS[3]][:], meta)
+        except TopKFormatError as e:
+            raise TopKFormatError(f"{path}: {e}") from None
+
+
+def import_topk(src, dst, k: int | None = None) -> TopK:
+    """Validate an external top-k file (e.g. the thesis's stage-1 output) and store it.
+
+    Every query and candidate name must be a VG benchmark name (positions are read
+    from them); ``k`` optionally truncates the lists.
+    """
+    src = Path(src)
+    topk = read_topk(src)
+    bad = []
+    for name in list(topk.query_names) + list(topk.candidate_names.ravel()):
+        try:
+            parse_name(name)
+        except BadNameError as e:
+            bad.append(str(e))
+            if len(bad) >= 5:
+                break
+    if bad:
+        raise TopKFormatError(f"{src}: names without positions, e.g.\n  " + "\n  ".join(bad))
+    if k is not None:
+        if k > topk.k:
+            raise TopKFormatError(f"{src}: has {topk.k} candidates per query, fewer than k={k}")
+        topk = TopK(topk.query_names, topk.candidate_names[:, :k], topk.candidate_index[:, :k], topk.distances[:, :k], topk.meta)
+    topk.meta = {**topk.meta, "imported_from": str(src), "k": topk.k}
+    write_topk(dst, topk)
+    logger.info("imported %s: %d queries, k=%d", src, len(topk), topk.k)
+    return topk
