@@ -195,6 +195,7 @@ def extract_global(
     attrs = {
         **signature, **(meta or {}), "names": list(names), "errors": errors,
         "n_valid": int(np.asarray(valid_arr[:]).sum()), "seconds": elapsed,
+        "extracted_this_run": len(todo_idx), "resumed_chunks": len(done),
     }
     group.attrs.update(attrs)
     with atomic_path(out) as tmp:

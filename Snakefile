@@ -1,0 +1,25 @@
+# VG re-ranking pipeline. Usage:
+#   snakemake --cores 2                                  # everything config.yaml describes
+#   snakemake --cores 8 results/{dataset}/{method}.csv   # one results table
+# Every stage is materialised under work_dir; see README.md.
+
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+configfile: "config.yaml"
+
+
+validate(config, "pipeline/schemas/config.schema.yaml", set_default=True)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/datasets.smk"
+include: "workflow/rules/global.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_results(),

@@ -1,0 +1,184 @@
+"""Command-line interface: one subcommand per pipeline stage (the Snakemake rules call these).
+
+    python -m pipeline <command> --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+
+def _json(s: str):
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {s[:200]}") from None
+
+
+def cmd_synthetic(a):
+    from .datasets.synthetic import generate
+
+    print(json.dumps(generate(a.root, a.conf), indent=2, default=str))
+
+
+def cmd_index(a):
+    from .datasets.index import index_dataset
+
+    index_dataset(a.root, a.out, a.on_bad_name, a.workers)
+
+
+def cmd_fit_global(a):
+    from .extract_global import fit_global
+
+    ex = a.conf.get("extraction", {})
+    fit_global(a.conf["model"], a.root, a.table, a.out, ex.get("device", "auto"), ex.get("num_workers", 1))
+
+
+def cmd_extract_global(a):
+    from .datasets.index import read_table
+    from .extract_global import run_extract, shard_range
+
+    names = read_table(a.table).name.tolist()
+    meta = {"split": a.split, "dataset": a.dataset, "shard": a.shard, "shard_size": a.shard_size}
+    if a.shard_size:
+        start, stop = shard_range(len(names), a.shard_size, a.shard)
+        names = names[start:stop]
+        meta["rows"] = [start, stop]
+    run_extract(a.conf, a.root, names, a.out, a.fit_state, meta)
+
+
+def cmd_build_index(a):
+    from .retrieval import build_index
+
+    build_index(a.stores, a.out, a.index)
+
+
+def cmd_search(a):
+    from .retrieval import search
+
+    search(a.index, a.queries, a.out, a.k, nprobe=a.nprobe, meta=a.meta)
+
+
+def cmd_import_topk(a):
+    from .topk import import_topk
+
+    import_topk(a.src, a.dst, a.k)
+
+
+def cmd_evaluate(a):
+    from .evaluate import main as evaluate_main
+
+    evaluate_main(a.rest)
+
+
+def cmd_results(a):
+    from .evaluate import evaluate_topk, format_table, write_results
+    from .topk import read_topk
+
+    topk = read_topk(a.topk)
+    row = {"dataset": a.dataset, "method": a.method, **evaluate_topk(topk, a.threshold, a.ns)}
+    # provenance: what produced these numbers
+    row["index"] = topk.meta.get("index", "")
+    row["conf"] = a.conf
+    row["imported_from"] = topk.meta.get("imported_from", "")
+    write_results(a.out, [row])
+    print(format_table([row], a.ns))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synthetic", help="generate the built-in synthetic dataset")
+    s.add_argument("--root", required=True)
+    s.add_argument("--conf", type=_json, default={})
+    s.set_defaults(func=cmd_synthetic)
+
+    s = sub.add_parser("index", help="index a dataset (names, positions, readable images)")
+    s.add_argument("--root", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--on-bad-name", choices=["error", "skip"], default="error")
+    s.add_argument("--workers", type=int, default=8)
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("fit-global", help="fit a global model's codebook/PCA on the database")
+    s.add_argument("--conf", type=_json, required=True, help="global method conf (JSON)")
+    s.add_argument("--root", required=True)
+    s.add_argument("--table", required=True, help="database index table")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_fit_global)
+
+    s = sub.add_parser("extract-global", help="global descriptors of one shard of a split")
+    s.add_argument("--conf", type=_json, required=True, help="global method conf (JSON)")
+    s.add_argument("--root", required=True)
+    s.add_argument("--table", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--split", default="")
+    s.add_argument("--dataset", default="")
+    s.add_argument("--shard", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=None)
+    s.add_argument("--fit-state", default=None)
+    s.set_defaults(func=cmd_extract_global)
+
+    s = sub.add_parser("build-index", help="FAISS index over database descriptor shards")
+    s.add_argument("--out", required=True)
+    s.add_argument("--index", default="auto")
+    s.add_argument("stores", nargs="+")
+    s.set_defaults(func=cmd_build_index)
+
+    s = sub.add_parser("search", help="top-k candidates of the queries")
+    s.add_argument("--index", required=True)
+    s.add_argument("--queries", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--k", type=int, default=100)
+    s.add_argument("--nprobe", type=int, default=32)
+    s.add_argument("--meta", type=_json, default={})
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("import-topk", help="check and store an external top-k HDF5 (thesis format)")
+    s.add_argument("--src", required=True)
+    s.add_argument("--dst", required=True)
+    s.add_argument("--k", type=int, default=None)
+    s.set_defaults(func=cmd_import_topk)
+
+    s = sub.add_parser("evaluate", help="print Recall@N of top-k files", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("results", help="write results/{dataset}/{method}.csv from a top-k file")
+    s.add_argument("--topk", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--conf", type=_json, default={})
+    s.add_argument("--threshold", type=float, default=25.0)
+    s.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20, 100])
+    s.set_defaults(func=cmd_results)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        a.func(a)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        logging.getLogger("pipeline").error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

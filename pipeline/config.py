@@ -1,0 +1,62 @@
+"""Loading and checking config.yaml: JSON-schema validation plus model-conf checks.
+
+The Snakefile calls :func:`check_config` right after ``snakemake.utils.validate``
+so mistakes surface before any job runs, with the offending key named.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .global_features import get_model_class
+from .global_features.base import merge_conf
+
+SCHEMA = Path(str(resources.files("pipeline") / "schemas" / "config.schema.yaml"))
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run."""
+
+
+def validate_schema(config: dict) -> dict:
+    """Validate against the JSON schema and fill defaults (in place); return it."""
+    from snakemake.utils import validate
+
+    validate(config, str(SCHEMA), set_default=True)
+    return config
+
+
+def check_config(config: dict) -> dict:
+    """Checks the schema cannot express: model options, method/dataset references."""
+    for name, method in config["global_methods"].items():
+        if "model" in method:
+            model = method["model"]
+            cls = get_model_class(model["name"])
+            try:
+                merge_conf({**cls.base_conf, **cls.default_conf}, model, f"global_methods.{name}.model")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        for dataset in method.get("import", {}):
+            if dataset not in config["datasets"]:
+                raise ConfigError(
+                    f"global_methods.{name}.import names dataset {dataset!r}, which is not under datasets: "
+                    f"{sorted(config['datasets'])}"
+                )
+    for name, ds in config["datasets"].items():
+        if ds.get("synthetic") is not None and not ds.get("root"):
+            raise ConfigError(f"datasets.{name}: a synthetic dataset needs a root to be generated into")
+    return config
+
+
+def load_config(path) -> dict:
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return check_config(validate_schema(config))

@@ -1,0 +1,96 @@
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.evaluate import candidate_distances, evaluate_topk, recall_at_n
+from pipeline.topk import TopK, TopKFormatError, import_topk, read_topk, write_topk
+
+from .conftest import FIXTURE_TOPK, need_shared, vg_name
+
+
+def test_recall_hand_computed():
+    # q0: first correct at rank 0; q1: at rank 2; q2: never; q3: at rank 4
+    correct = np.zeros((4, 5), bool)
+    correct[0, 0] = correct[0, 3] = True
+    correct[1, 2] = True
+    correct[3, 4] = True
+    r = recall_at_n(correct, ns=(1, 2, 3, 5, 10))
+    assert r[1] == 25.0
+    assert r[2] == 25.0
+    assert r[3] == 50.0
+    assert r[5] == 75.0
+    assert math.isnan(r[10])  # longer than the lists
+
+
+def topk_from_positions(queries, candidates) -> TopK:
+    qn = [vg_name(e, n, pano_id=f"q{i}") for i, (e, n) in enumerate(queries)]
+    cn = [[vg_name(e, n, pano_id=f"c{i}{j}") for j, (e, n) in enumerate(row)] for i, row in enumerate(candidates)]
+    k = len(candidates[0])
+    return TopK(qn, cn, np.zeros((len(qn), k)), np.tile(np.arange(k, dtype=np.float32), (len(qn), 1)))
+
+
+def test_positives_at_25_m():
+    e, n = 550000.0, 4180000.0
+    topk = topk_from_positions(
+        [(e, n), (e, n), (e, n)],
+        [[(e + 24.9, n), (e, n)], [(e + 25.1, n), (e + 15.0, n + 20.0)], [(e + 30, n), (e, n + 100)]],
+    )
+    d = candidate_distances(topk)
+    np.testing.assert_allclose(d, [[24.9, 0], [25.1, 25.0], [30, 100]], atol=1e-6)
+    r = evaluate_topk(topk, threshold=25.0, ns=(1, 2))
+    assert r["R@1"] == pytest.approx(100 / 3)  # only q0's first candidate is within 25 m
+    assert r["R@2"] == pytest.approx(200 / 3)  # q1's second is exactly 25 m: counts
+    assert evaluate_topk(topk, threshold=20.0, ns=(1, 2))["R@2"] == pytest.approx(100 / 3)
+
+
+def test_mixed_zones_are_reprojected():
+    # a query just west of the zone 10/11 boundary and a candidate 10 m east of it, in zone 11
+    import utm
+
+    lat, lon = 37.0, -120.00005
+    qe, qn, _, _ = utm.from_latlon(lat, lon, force_zone_number=10)
+    ce, cn, _, _ = utm.from_latlon(lat, lon + 0.0001, force_zone_number=11)
+    topk = TopK([vg_name(qe, qn, 10, "S")], [[vg_name(ce, cn, 11, "S")]], [[0]], [[0.0]])
+    d = candidate_distances(topk)[0, 0]
+    assert 5 < d < 15  # ~8.9 m, not the ~500 km between the raw UTM eastings
+
+
+def test_fixture_reproduces_thesis_recalls():
+    r = evaluate_topk(need_shared(FIXTURE_TOPK), threshold=25.0)
+    got = [round(r[f"R@{n}"], 1) for n in (1, 5, 10, 100)]
+    assert got == [26.3, 38.2, 46.1, 60.5]
+    assert r["n_queries"] == 76 and r["k"] == 100
+
+
+def test_import_round_trip(tmp_path):
+    dst = tmp_path / "imported.h5"
+    import_topk(need_shared(FIXTURE_TOPK), dst, k=50)
+    t = read_topk(dst)
+    assert t.k == 50 and len(t) == 76
+    assert t.meta["imported_from"].endswith("occlusion.h5")
+    assert round(evaluate_topk(t)["R@10"], 1) == 46.1
+
+
+def test_import_rejects_bad_files(tmp_path):
+    import h5py
+
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as f:
+        f["queries_filenames"] = np.array([b"q.jpg"])
+    with pytest.raises(TopKFormatError, match="missing datasets"):
+        import_topk(bad, tmp_path / "out.h5")
+    names = tmp_path / "names.h5"
+    write_topk(names, TopK(["photo.jpg"], [[vg_name(550000.0, 4180000.0)]], [[0]], [[0.0]]))
+    with pytest.raises(TopKFormatError, match="photo.jpg"):
+        import_topk(names, tmp_path / "out.h5")
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5")
+    with pytest.raises(TopKFormatError, match="garbage.h5"):
+        read_topk(garbage)
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_topk_shape_checks():
+    with pytest.raises(TopKFormatError):
+        TopK(["a", "b"], [["x"]], [[0]], [[0.0]])

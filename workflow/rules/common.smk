@@ -1,0 +1,62 @@
+# Shared helpers: paths, method lookups, the command prefix. No logic beyond lookups.
+import json
+import shlex
+import sys
+
+sys.path.insert(0, workflow.basedir)  # the package, also when it is not pip-installed
+from pipeline.config import check_config
+from pipeline.extract_global import num_shards
+from pipeline.datasets.index import read_table
+
+check_config(config)
+
+WORK = config["work_dir"]
+RESULTS = config["results_dir"]
+DATASETS = config["datasets"]
+GMETHODS = config["global_methods"]
+# every rule runs the package's CLI, with the workflow folder on the path
+PY = f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} python -m pipeline"
+CONDA_ENV = "../../" + config["conda_env"]
+
+
+def alternation(names):
+    return "|".join(sorted(names)) or "$^"
+
+
+EXTRACTED = [m for m, c in GMETHODS.items() if "model" in c]
+IMPORTED = [m for m, c in GMETHODS.items() if "import" in c]
+FITTED = [m for m in EXTRACTED if GMETHODS[m]["model"]["name"] == "vlad"]
+
+
+wildcard_constraints:
+    dataset=alternation(DATASETS),
+    shard=r"\d{4}",
+
+
+def dataset_root(wildcards):
+    root = DATASETS[wildcards.dataset].get("root")
+    if not root:
+        raise ValueError(f"dataset {wildcards.dataset!r} has no root: only imported top-k lists can be evaluated on it")
+    return root
+
+
+def method_json(method):
+    return json.dumps(GMETHODS[method], sort_keys=True)
+
+
+def database_shards(wildcards):
+    """All database shard stores of a dataset/method (known once the index exists)."""
+    table = checkpoints.index_dataset.get(dataset=wildcards.dataset).output.database
+    n = num_shards(len(read_table(table)), config["retrieval"]["shard_size"])
+    return [f"{WORK}/{wildcards.dataset}/global/{wildcards.gmethod}/database/shard_{i:04d}.zarr" for i in range(n)]
+
+
+def available(dataset, method):
+    """Whether a retrieval result can be produced for this dataset and method."""
+    if method in IMPORTED:
+        return dataset in GMETHODS[method]["import"]
+    return bool(DATASETS[dataset].get("root"))
+
+
+def all_results():
+    return [f"{RESULTS}/{d}/{m}.csv" for d in DATASETS for m in GMETHODS if available(d, m)]

@@ -1,0 +1,50 @@
+# Datasets: the built-in synthetic dataset, and the index stage (names, positions, checks).
+
+
+def dataset_ready(wildcards):
+    """The synthetic dataset's marker, so it is generated first; nothing for real datasets."""
+    ds = DATASETS[wildcards.dataset]
+    return [f"{ds['root']}/synthetic.json"] if ds.get("synthetic") is not None else []
+
+
+for _name, _ds in DATASETS.items():
+    if _ds.get("synthetic") is not None:
+
+        rule:
+            name:
+                f"synthetic_{_name}"
+            output:
+                f"{_ds['root']}/synthetic.json",
+            params:
+                root=_ds["root"],
+                conf=json.dumps(_ds["synthetic"], sort_keys=True),
+            log:
+                f"{WORK}/logs/synthetic_{_name}.log",
+            conda:
+                CONDA_ENV
+            shell:
+                "{PY} synthetic --root {params.root:q} --conf {params.conf:q} 2> {log:q}"
+
+
+checkpoint index_dataset:
+    input:
+        dataset_ready,
+    output:
+        database=f"{WORK}/{{dataset}}/index/database.csv",
+        queries=f"{WORK}/{{dataset}}/index/queries.csv",
+        skipped=f"{WORK}/{{dataset}}/index/skipped.csv",
+        summary=f"{WORK}/{{dataset}}/index/summary.json",
+    params:
+        root=dataset_root,
+        on_bad_name=lambda w: DATASETS[w.dataset]["on_bad_name"],
+        out=lambda w, output: os.path.dirname(output.database),
+    log:
+        f"{WORK}/logs/index_{{dataset}}.log",
+    threads: 4
+    resources:
+        mem_mb=4000,
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} index --root {params.root:q} --out {params.out:q} --on-bad-name {params.on_bad_name}"
+        " --workers {threads} 2> {log:q}"

@@ -1,0 +1,148 @@
+# Stage 1: global descriptors (sharded, resumable) -> FAISS index -> top-k lists.
+
+GDIR = f"{WORK}/{{dataset}}/global/{{gmethod}}"
+
+
+def fit_state(wildcards):
+    return [f"{WORK}/{wildcards.dataset}/global/{wildcards.gmethod}/fit.pt"] if wildcards.gmethod in FITTED else []
+
+
+def fit_arg(wildcards, input):
+    return f"--fit-state {shlex.quote(input.fit[0])}" if input.fit else ""
+
+
+rule fit_global:
+    """Fit a global model's codebook/PCA (VLAD) on a sample of database images."""
+    input:
+        table=f"{WORK}/{{dataset}}/index/database.csv",
+    output:
+        f"{GDIR}/fit.pt",
+    wildcard_constraints:
+        gmethod=alternation(FITTED),
+    params:
+        root=dataset_root,
+        conf=lambda w: method_json(w.gmethod),
+    log:
+        f"{WORK}/logs/fit_{{dataset}}_{{gmethod}}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} --threads {threads} fit-global --conf {params.conf:q} --root {params.root:q}"
+        " --table {input.table:q} --out {output:q} 2> {log:q}"
+
+
+rule extract_database_shard:
+    """Global descriptors of one shard (retrieval.shard_size images) of the database."""
+    input:
+        table=f"{WORK}/{{dataset}}/index/database.csv",
+        fit=fit_state,
+    output:
+        directory(f"{GDIR}/database/shard_{{shard}}.zarr"),
+    wildcard_constraints:
+        gmethod=alternation(EXTRACTED),
+    params:
+        root=dataset_root,
+        conf=lambda w: method_json(w.gmethod),
+        shard_size=config["retrieval"]["shard_size"],
+        fit=fit_arg,
+    log:
+        f"{WORK}/logs/extract_{{dataset}}_{{gmethod}}_database_{{shard}}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} --threads {threads} extract-global --conf {params.conf:q} --root {params.root:q}"
+        " --table {input.table:q} --out {output:q} --split database --dataset {wildcards.dataset}"
+        " --shard {wildcards.shard} --shard-size {params.shard_size} {params.fit} 2> {log:q}"
+
+
+rule extract_queries:
+    """Global descriptors of all queries (one store)."""
+    input:
+        table=f"{WORK}/{{dataset}}/index/queries.csv",
+        fit=fit_state,
+    output:
+        directory(f"{GDIR}/queries.zarr"),
+    wildcard_constraints:
+        gmethod=alternation(EXTRACTED),
+    params:
+        root=dataset_root,
+        conf=lambda w: method_json(w.gmethod),
+        fit=fit_arg,
+    log:
+        f"{WORK}/logs/extract_{{dataset}}_{{gmethod}}_queries.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} --threads {threads} extract-global --conf {params.conf:q} --root {params.root:q}"
+        " --table {input.table:q} --out {output:q} --split queries --dataset {wildcards.dataset}"
+        " {params.fit} 2> {log:q}"
+
+
+rule build_index:
+    """FAISS index over all database shards (type chosen by size, or retrieval.index)."""
+    input:
+        database_shards,
+    output:
+        index=f"{GDIR}/faiss.index",
+        names=f"{GDIR}/faiss.index.json",
+    wildcard_constraints:
+        gmethod=alternation(EXTRACTED),
+    params:
+        index=config["retrieval"]["index"],
+    log:
+        f"{WORK}/logs/index_{{dataset}}_{{gmethod}}.log",
+    resources:
+        mem_mb=16000,
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} build-index --out {output.index:q} --index {params.index:q} {input:q} 2> {log:q}"
+
+
+rule search:
+    """Top-k database candidates of every query."""
+    input:
+        index=f"{GDIR}/faiss.index",
+        queries=f"{GDIR}/queries.zarr",
+    output:
+        f"{WORK}/{{dataset}}/topk/{{gmethod}}.h5",
+    wildcard_constraints:
+        gmethod=alternation(EXTRACTED),
+    params:
+        k=config["retrieval"]["k"],
+        nprobe=config["retrieval"]["nprobe"],
+        meta=lambda w: json.dumps({"method": w.gmethod, "dataset": w.dataset, "conf": GMETHODS[w.gmethod]}),
+    log:
+        f"{WORK}/logs/search_{{dataset}}_{{gmethod}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} search --index {input.index:q} --queries {input.queries:q} --out {output:q}"
+        " --k {params.k} --nprobe {params.nprobe} --meta {params.meta:q} 2> {log:q}"
+
+
+rule import_topk:
+    """An existing top-k file (the thesis's stage-1 HDF5), checked and stored as a method."""
+    input:
+        lambda w: GMETHODS[w.gmethod]["import"][w.dataset],
+    output:
+        f"{WORK}/{{dataset}}/topk/{{gmethod}}.h5",
+    wildcard_constraints:
+        gmethod=alternation(IMPORTED),
+    params:
+        k=config["retrieval"]["k"],
+    log:
+        f"{WORK}/logs/import_{{dataset}}_{{gmethod}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} import-topk --src {input:q} --dst {output:q} --k {params.k} 2> {log:q}"
