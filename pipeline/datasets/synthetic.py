@@ -46,6 +46,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import cv2
@@ -62,7 +63,7 @@ DEFAULT_CONF: dict = {
     "seed": 0,
     # world
     "n_streets": 3,
-    "street_length": 340.0,  # metres; each street gets 0.9-1.1x this
+    "street_length": 300.0,  # metres; each street gets 0.9-1.1x this
     "street_width": [12.0, 16.0],  # wall-to-wall, metres (range)
     "building_height": [12.0, 20.0],  # metres (range)
     "building_width": [6.0, 25.0],  # metres (range)
@@ -79,12 +80,12 @@ DEFAULT_CONF: dict = {
     # queries
     "n_queries": 50,
     "query_lateral": 2.0,  # +- metres off the centre line
-    "query_yaw_jitter": 18.0,  # +- degrees around a database heading
+    "query_yaw_jitter": 15.0,  # +- degrees around a database heading
     "query_pitch_jitter": 3.0,  # +- degrees
     "query_roll_jitter": 2.0,  # +- degrees
     "query_hfov": [50.0, 62.0],  # degrees (range)
     "query_camera_height": [1.5, 1.8],  # metres (range)
-    "query_jpeg_quality": [55, 80],  # range
+    "query_jpeg_quality": [60, 85],  # range
     "occluder_prob": 0.3,  # probability that a query has a car/pedestrian in view
     # images
     "image_size": [320, 240],  # width, height
@@ -148,6 +149,8 @@ def _check_conf(c: dict) -> None:
     w, h = c["image_size"]
     if not (16 <= int(w) <= 4096 and 16 <= int(h) <= 4096):
         raise ValueError(f"synthetic dataset: bad image_size {c['image_size']!r}")
+    if not 8 <= int(c["pixels_per_metre"]) <= 40:
+        raise ValueError("synthetic dataset: pixels_per_metre must be in 8..40")
     if int(c["supersample"]) < 1:
         raise ValueError("synthetic dataset: supersample must be >= 1")
     if c["db_spacing"] / 2 + c["query_lateral"] >= c["positive_radius"]:
@@ -636,117 +639,156 @@ def _lamp_positions(street: Street, rng) -> list[tuple[float, float]]:
 def _night_facade(fac: Facade, side_sign: float, street: Street, lamps, rng, ppm) -> np.ndarray:
     """The night appearance of a facade: same layout, dark walls, lamp light, lit windows."""
     H, W = fac.day.shape[:2]
-    day = fac.day.astype(np.float32) / 255.0
-    amb = np.array([0.07, 0.08, 0.13], np.float32) * rng.uniform(0.8, 1.2)
+    day = fac.day.astype(np.float32) * np.float32(1 / 255)
+    amb = np.array([0.10, 0.11, 0.16], np.float32) * np.float32(rng.uniform(0.8, 1.2))
     lamp_col = np.array([1.0, 0.72, 0.42] if rng.random() < 0.7 else [0.85, 0.9, 1.0], np.float32)
-    # horizontal lamp profile along the atlas, vertical profile around lamp height
+    # light = ambient + (vertical profile x horizontal profile of the lamps) * lamp colour
     u = np.arange(W, dtype=np.float32) / ppm  # metres along the atlas
     prof = np.zeros(W, np.float32)
     for lx, ly in lamps:
         ua = (ly - street.ymin) if side_sign < 0 else (street.ymax - ly)
         near = (lx * side_sign) > 0
-        sig, amp = (3.5, 0.9) if near else (6.0, 0.25)
-        prof += amp * np.exp(-0.5 * ((u - ua) / sig) ** 2)
+        sig, amp = (3.5, 0.8) if near else (6.0, 0.2)
+        lo, hi = int(max(0, (ua - 4 * sig) * ppm)), int(min(W, (ua + 4 * sig) * ppm))
+        prof[lo:hi] += amp * np.exp(-0.5 * ((u[lo:hi] - ua) / sig) ** 2)
     z = _HMAX - (np.arange(H, dtype=np.float32) + 0.5) / ppm
     vprof = np.exp(-0.5 * ((z - 4.0) / 3.5) ** 2) * 0.85 + 0.15
-    light = amb[None, None, :] + (vprof[:, None] * prof[None, :])[:, :, None] * lamp_col[None, None, :]
-    night = day * light
+    light = np.outer(vprof, prof).astype(np.float32)
+    night = np.empty_like(day)
+    for c in range(3):
+        night[:, :, c] = day[:, :, c] * (amb[c] + lamp_col[c] * light)
     # lit windows / shops / signs
     n = len(fac.kinds)
-    p_lit = {KIND_WINDOW: rng.uniform(0.25, 0.45), KIND_SHOP: 0.55, KIND_SIGN: 0.6}
     lit = np.zeros(n, bool)
-    for kind, p in p_lit.items():
+    for kind, p in ((KIND_WINDOW, rng.uniform(0.25, 0.45)), (KIND_SHOP, 0.55), (KIND_SIGN, 0.6)):
         sel = fac.kinds == kind
         lit[sel] = rng.random(int(sel.sum())) < p
     lit[0] = False
     emis = np.array(_EMISSIVE, np.float32)[rng.integers(len(_EMISSIVE), size=n)] / 255.0
     emis *= rng.uniform(0.6, 1.0, size=(n, 1)).astype(np.float32)
-    mask = lit[fac.labels]
-    if mask.any():
-        lab = fac.labels[mask]
-        d = day[mask]
-        kind = fac.kinds[lab]
+    idx = np.flatnonzero(lit[fac.labels])
+    if idx.size:
+        lab = fac.labels.reshape(-1)[idx]
+        d = day.reshape(-1, 3)[idx]
         lum = d.mean(axis=1, keepdims=True)
         val = emis[lab] * (0.45 + 0.9 * lum)
-        sign = kind == KIND_SIGN
+        sign = fac.kinds[lab] == KIND_SIGN
         val[sign] = np.minimum(1.0, d[sign] * 1.15 + 0.08)
-        night[mask] = val
-        # glow of the lit panes onto the wall around them
-        emit = np.zeros_like(night)
-        emit[mask] = val
-        night += 0.35 * cv2.GaussianBlur(emit, (0, 0), 0.4 * ppm)
+        night.reshape(-1, 3)[idx] = val
+        # glow of the lit panes onto the wall around them (blurred at quarter resolution)
+        emit = np.zeros((H, W, 3), np.float32)
+        emit.reshape(-1, 3)[idx] = val
+        small = cv2.resize(emit, (max(1, W // 4), max(1, H // 4)), interpolation=cv2.INTER_AREA)
+        small = cv2.GaussianBlur(small, (0, 0), 0.1 * ppm)
+        night += 0.35 * cv2.resize(small, (W, H), interpolation=cv2.INTER_LINEAR)
     return np.clip(night * 255.0, 0, 255).astype(np.uint8)
 
 
-def _make_ground(street: Street, rng, lamps, night: bool, gtex=None):
-    """Ground atlas (rows: far end first, i.e. v = (ymax - y) * ppm; cols: x + w/2)."""
+def _make_ground(street: Street, rng, lamps):
+    """Day and night ground textures (rows: far end first, v = (ymax - y) * ppm; cols: x + w/2)."""
     ppm = _GROUND_PPM
     W = int(round(street.width * ppm))
     H = int(round((street.ymax - street.ymin) * ppm))
-    if gtex is None:
-        asphalt = 75 + 10 * _smooth_noise(rng, H, W, 4 * ppm) + 9 * rng.standard_normal((H, W)).astype(np.float32)
-        img = np.repeat(asphalt[:, :, None], 3, axis=2) * np.array([1.0, 1.0, 1.03], np.float32)
-        sw = int(_SIDEWALK * ppm)
-        pave = 150 + 8 * _smooth_noise(rng, H, sw, 2 * ppm) + 6 * rng.standard_normal((H, sw)).astype(np.float32)
-        for sl in (slice(0, sw), slice(W - sw, W)):
-            img[:, sl] = pave[:, :, None] * np.array([1.0, 0.98, 0.95], np.float32)
-            tile = int(0.6 * ppm)
-            rows = (np.arange(H) % tile) == 0
-            img[rows, sl] *= 0.85
-            cols = np.arange(W)[sl]
-            img[:, cols[(cols % tile) == 0]] *= 0.85
-        img[:, sw - 1:sw + 1] = 190  # curbs
-        img[:, W - sw - 1:W - sw + 1] = 190
-        # dashed centre line and crossings, patches, manholes
-        cx = W // 2
-        period, dash = int(9 * ppm), int(3 * ppm)
-        phase = int(rng.integers(period))
-        for v0 in range(-phase, H, period):
-            img[max(0, v0):max(0, v0 + dash), cx - 1:cx + 1] = (225, 215, 180)
-        for _ in range(int(rng.integers(1, 4))):
-            v0 = int(rng.integers(0, H - 4 * ppm))
-            for xx in range(sw + 3, W - sw - 3, int(1.0 * ppm)):
-                img[v0:v0 + 3 * ppm, xx:xx + int(0.5 * ppm)] = 215
-        for _ in range(int(H / ppm / 15)):
-            pv, pu = int(rng.integers(0, H)), int(rng.integers(sw, W - sw))
-            cv2.circle(img, (pu, pv), int(0.35 * ppm), (55, 55, 55), -1)
-            cv2.circle(img, (pu, pv), int(0.35 * ppm), (100, 100, 100), 1)
-        for _ in range(int(H / ppm / 25)):
-            pv, pu = int(rng.integers(0, H)), int(rng.integers(sw, W - sw - 3 * ppm))
-            img[pv:pv + int(rng.uniform(1, 4) * ppm), pu:pu + int(rng.uniform(1, 3) * ppm)] *= 0.8
-        img = np.clip(img, 0, 255).astype(np.uint8)
-        if not night:
-            return img
-        gtex = img
+    asphalt = 75 + 10 * _smooth_noise(rng, H, W, 4 * ppm) + 9 * rng.standard_normal((H, W)).astype(np.float32)
+    img = np.repeat(asphalt[:, :, None], 3, axis=2) * np.array([1.0, 1.0, 1.03], np.float32)
+    sw = int(_SIDEWALK * ppm)
+    pave = 150 + 8 * _smooth_noise(rng, H, sw, 2 * ppm) + 6 * rng.standard_normal((H, sw)).astype(np.float32)
+    tile = int(0.6 * ppm)
+    for c0 in (0, W - sw):
+        img[:, c0:c0 + sw] = pave[:, :, None] * np.array([1.0, 0.98, 0.95], np.float32)
+        img[(np.arange(H) % tile) == 0, c0:c0 + sw] *= 0.85
+        cols = np.arange(c0, c0 + sw)
+        img[:, cols[(cols % tile) == 0]] *= 0.85
+    img[:, sw - 1:sw + 1] = 190  # curbs
+    img[:, W - sw - 1:W - sw + 1] = 190
+    # dashed centre line, crossings, patches, manholes
+    cx = W // 2
+    period, dash = int(9 * ppm), int(3 * ppm)
+    phase = int(rng.integers(period))
+    for v0 in range(-phase, H, period):
+        img[max(0, v0):max(0, v0 + dash), cx - 1:cx + 1] = (225, 215, 180)
+    for _ in range(int(rng.integers(1, 4))):
+        v0 = int(rng.integers(0, H - 4 * ppm))
+        for xx in range(sw + 3, W - sw - 3, int(1.0 * ppm)):
+            img[v0:v0 + 3 * ppm, xx:xx + int(0.5 * ppm)] = 215
+    for _ in range(int(H / ppm / 25)):
+        pv, pu = int(rng.integers(0, H)), int(rng.integers(sw, max(sw + 1, W - sw - 3 * ppm)))
+        img[pv:pv + int(rng.uniform(1, 4) * ppm), pu:pu + int(rng.uniform(1, 3) * ppm)] *= 0.8
+    day = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(int(H / ppm / 15)):
+        pv, pu = int(rng.integers(0, H)), int(rng.integers(sw, W - sw))
+        cv2.circle(day, (pu, pv), int(0.35 * ppm), (55, 55, 55), -1)
+        cv2.circle(day, (pu, pv), int(0.35 * ppm), (100, 100, 100), 1)
     # night: ambient plus pools of lamp light
-    f = gtex.astype(np.float32) / 255.0
     xs = (np.arange(W, dtype=np.float32) + 0.5) / ppm - street.width / 2
     ys = street.ymax - (np.arange(H, dtype=np.float32) + 0.5) / ppm
-    light = np.full((H, W), 0.0, np.float32)
+    light = np.zeros((H, W), np.float32)
     for lx, ly in lamps:
         sel = np.abs(ys - ly) < 15
-        if not sel.any():
-            continue
-        hx = lx - math.copysign(1.0, lx)
-        light[sel] += 1.1 * np.exp(-0.5 * (((xs[None, :] - hx) / 3.5) ** 2 + ((ys[sel, None] - ly) / 3.5) ** 2))
-    out = f * (np.array([0.06, 0.07, 0.11], np.float32) + light[:, :, None] * np.array([1.0, 0.75, 0.45], np.float32))
-    return np.clip(out * 255, 0, 255).astype(np.uint8)
+        if sel.any():
+            hx = lx - math.copysign(1.0, lx)
+            light[sel] += 1.1 * np.exp(-0.5 * (((xs[None, :] - hx) / 3.5) ** 2 + ((ys[sel, None] - ly) / 3.5) ** 2))
+    f = day.astype(np.float32) / 255.0
+    night = f * (np.array([0.05, 0.06, 0.10], np.float32) + light[:, :, None] * np.array([1.0, 0.75, 0.45], np.float32))
+    return day, np.clip(night * 255, 0, 255).astype(np.uint8)
 
 
-def _mip(img, sigmas=(1.2, 3.0)):
-    return [img] + [cv2.GaussianBlur(img, (0, 0), s) for s in sigmas]
+_PAD = 8  # rows between the blocks of the atlas
+_SKY_ROWS = 64
+_MIP_LEVELS = 3
 
 
 @dataclass
 class StreetScene:
+    """Everything needed to render views of one street.
+
+    ``atlas[variant]`` is a mip pyramid of one image stacking, top to bottom, the
+    left facade, the right facade, the ground (rows: x across the street; columns:
+    y along it, at the facade resolution) and a sky gradient strip, each block
+    separated by ``_PAD`` rows, so that a view needs one ``cv2.remap`` per level.
+    """
+
     street: Street
     ppm: int
-    wall_h: int  # atlas rows per side (incl. padding)
+    rows: dict  # block name -> first row
     roof_l: np.ndarray
     roof_r: np.ndarray
-    walls: dict  # variant -> list of mip levels of the stacked [left; right] atlas
-    ground: dict  # variant -> list of mip levels
+    atlas: dict  # variant -> [level0, level1, ...] uint8 RGB
     lamps: list
+
+
+def _sky_strip(width, night):
+    if night:
+        hor, zen = np.array([45, 35, 40], np.float32), np.array([6, 9, 22], np.float32)
+    else:
+        hor, zen = np.array([225, 230, 235], np.float32), np.array([95, 145, 215], np.float32)
+    t = np.linspace(0, 1, _SKY_ROWS, dtype=np.float32)[:, None] ** 0.7
+    col = hor[None, :] * (1 - t) + zen[None, :] * t
+    return np.ascontiguousarray(np.broadcast_to(col[:, None, :], (_SKY_ROWS, width, 3)).astype(np.uint8))
+
+
+def _stack(blocks):
+    out = []
+    for k, b in enumerate(blocks):
+        out.append(b)
+        if k + 1 < len(blocks):  # padding: replicate the edges of both neighbours
+            out.append(np.repeat(b[-1:], _PAD // 2, axis=0))
+            out.append(np.repeat(blocks[k + 1][:1], _PAD // 2, axis=0))
+    return np.ascontiguousarray(np.concatenate(out, axis=0))
+
+
+def _pyramid(img):
+    levels = [img]
+    for _ in range(_MIP_LEVELS - 1):
+        levels.append(cv2.pyrDown(levels[-1]))
+    return levels
+
+
+def _fill_sky(img, roof, ppm, colour):
+    """Paint the atlas above the roof line with a sky colour (avoids dark halos at mip levels)."""
+    z = _HMAX - (np.arange(img.shape[0], dtype=np.float32) + 0.5) / ppm
+    img[z[:, None] > roof[None, :] + 0.5 / ppm] = colour
+    return img
 
 
 def _build_scene(street: Street, conf: dict, styles, seed: int) -> StreetScene:
@@ -756,25 +798,29 @@ def _build_scene(street: Street, conf: dict, styles, seed: int) -> StreetScene:
     left = _make_facade(rng, length_m, conf, styles)
     right = _make_facade(rng, length_m, conf, styles)
     lamps = _lamp_positions(street, rng)
-    pad = 4
-    H = left.day.shape[0]
+    Hf, Wf = left.day.shape[:2]
+    g_day, g_night = _make_ground(street, rng, lamps)
 
-    def stack(a, b):
-        padding = np.zeros((pad,) + a.shape[1:], a.dtype)
-        return np.ascontiguousarray(np.concatenate([a, padding, b, padding], axis=0))
+    def ground_block(g):  # -> rows: (x + w/2) * gppm, cols: (y - ymin) * ppm
+        g = np.ascontiguousarray(g.transpose(1, 0, 2)[:, ::-1])
+        return cv2.resize(g, (Wf, g.shape[0]), interpolation=cv2.INTER_LINEAR)
 
-    walls = {"day": _mip(stack(left.day, right.day))}
-    ground_day = _make_ground(street, rng, lamps, night=False)
-    ground = {"day": _mip(ground_day)}
+    rows = {"left": 0, "right": Hf + _PAD}
+    rows["ground"] = rows["right"] + Hf + _PAD
+    rows["sky"] = rows["ground"] + g_day.shape[1] + _PAD
+    atlas = {}
+    day_sky = (200, 210, 225)
+    atlas["day"] = _pyramid(_stack([_fill_sky(left.day, left.roof, ppm, day_sky),
+                                    _fill_sky(right.day, right.roof, ppm, day_sky),
+                                    ground_block(g_day), _sky_strip(Wf, False)]))
+    gn = ground_block(g_night)
+    sky_n = _sky_strip(Wf, True)
     for v in range(_NIGHT_VARIANTS):
         nrng = np.random.default_rng([seed, 2, street.index, v])
-        nl = _night_facade(left, -1.0, street, lamps, nrng, ppm)
-        nr = _night_facade(right, +1.0, street, lamps, nrng, ppm)
-        walls[f"night{v}"] = _mip(stack(nl, nr))
-    gn = _make_ground(street, rng, lamps, night=True, gtex=ground_day)
-    for v in range(_NIGHT_VARIANTS):
-        ground[f"night{v}"] = _mip(gn)
-    return StreetScene(street, ppm, H + pad, left.roof, right.roof, walls, ground, lamps)
+        nl = _fill_sky(_night_facade(left, -1.0, street, lamps, nrng, ppm), left.roof, ppm, (20, 18, 26))
+        nr = _fill_sky(_night_facade(right, +1.0, street, lamps, nrng, ppm), right.roof, ppm, (20, 18, 26))
+        atlas[f"night{v}"] = _pyramid(_stack([nl, nr, gn, sky_n]))
+    return StreetScene(street, ppm, rows, left.roof, right.roof, atlas, lamps)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -791,88 +837,75 @@ def _project(points, cam: Camera, fpx, Ws, Hs):
 
 def _render(scene: StreetScene, cam: Camera, variant: str, size, ss: int, rng,
             occluders: bool = False) -> np.ndarray:
-    """Render one view; returns a float32 RGB image in [0, 255] of ``size`` (W, H)."""
+    """Render one view; returns a uint8 RGB image of ``size`` (W, H)."""
     st = scene.street
     night = variant != "day"
     W, H = size
-    Ws, Hs = W * ss, H * ss
+    Ws, Hs = int(W * ss), int(H * ss)
     fpx = (Ws / 2) / math.tan(math.radians(cam.hfov) / 2)
     f, r, u = (v.astype(np.float32) for v in cam.basis())
-    a = ((np.arange(Ws, dtype=np.float32) + 0.5) - Ws / 2) / fpx
-    b = ((np.arange(Hs, dtype=np.float32) + 0.5) - Hs / 2) / fpx
-    A, B = a[None, :], b[:, None]
-    dx = f[0] + A * r[0] - B * u[0]
-    dy = f[1] + A * r[1] - B * u[1]
-    dz = f[2] + A * r[2] - B * u[2]
-    dn = np.sqrt(dx * dx + dy * dy + dz * dz)
+    a = (((np.arange(Ws, dtype=np.float32) + 0.5) - Ws / 2) / fpx)[None, :]
+    b = (((np.arange(Hs, dtype=np.float32) + 0.5) - Hs / 2) / fpx)[:, None]
+    dx = (f[0] - b * u[0]) + a * r[0]
+    dy = (f[1] - b * u[1]) + a * r[1]
+    dz = (f[2] - b * u[2]) + a * r[2]
+    inv_dn = 1.0 / np.sqrt(dx * dx + dy * dy + dz * dz)
     half = st.width / 2
-    right = dx > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tw = np.where(right, half - cam.x, -half - cam.x) / dx
-        tw = np.where(np.abs(dx) < 1e-7, np.inf, tw).astype(np.float32)
-        tg = np.where(dz < -1e-7, -cam.z / dz, np.inf).astype(np.float32)
-    yw = cam.y + tw * dy
-    zw = cam.z + tw * dz
     ppm = scene.ppm
-    u_l = (yw - st.ymin) * ppm
-    u_r = (st.ymax - yw) * ppm
-    uw = np.where(right, u_r, u_l)
+    right = dx > 0
+    inf = np.float32(np.inf)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        tw = np.where(right, np.float32(half - cam.x), np.float32(-half - cam.x)) / dx
+        tw = np.where(tw > 0, tw, inf)
+        tg = np.where(dz < 0, np.float32(-cam.z) / dz, inf)
+        yw = cam.y + tw * dy
+        zw = cam.z + tw * dz
+        uw = np.where(right, (st.ymax - yw) * ppm, (yw - st.ymin) * ppm)
+        inside = (yw > st.ymin) & (yw < st.ymax) & (tw < tg)
     nu = scene.roof_l.shape[0]
-    inside = (yw > st.ymin) & (yw < st.ymax) & np.isfinite(tw)
-    ui = np.clip(np.nan_to_num(uw, nan=0, posinf=0, neginf=0), 0, nu - 1).astype(np.int32)
+    ui = np.clip(np.where(inside, uw, 0), 0, nu - 1).astype(np.int32)
     roof = np.where(right, scene.roof_r[ui], scene.roof_l[ui])
-    wall = inside & (tw < tg) & (zw <= roof)
-    ground = ~wall & np.isfinite(tg)
-    sky = ~wall & ~ground
-
-    def mip_sample(levels, mx, my, texels):
-        lod = np.clip(np.log2(np.maximum(texels, 1e-3)) - 0.5, 0, len(levels) - 1)
-        out = None
-        for k, lvl in enumerate(levels):
-            wk = np.clip(1 - np.abs(lod - k), 0, 1)
-            s = cv2.remap(lvl, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
-            out = s * wk[:, :, None] if out is None else out + s * wk[:, :, None]
-        return out
-
-    # walls
-    vw = (_HMAX - zw) * ppm + np.where(right, scene.wall_h, 0)
-    mx = np.where(wall, uw, -10).astype(np.float32)
-    my = np.where(wall, vw, -10).astype(np.float32)
-    dist_w = tw * dn
-    cos_w = np.abs(dx) / dn
-    tex_w = dist_w / fpx * ppm / np.sqrt(np.maximum(cos_w, 0.05))
-    img = mip_sample(scene.walls[variant], mx, my, np.where(wall, tex_w, 1))
-    # ground
-    gppm = _GROUND_PPM
-    gx = cam.x + tg * dx
-    gy = cam.y + tg * dy
-    gmx = np.where(ground, (gx + half) * gppm, -10).astype(np.float32)
-    gmy = np.where(ground, (st.ymax - gy) * gppm, -10).astype(np.float32)
-    dist_g = tg * dn
-    cos_g = np.abs(dz) / dn
-    tex_g = dist_g / fpx * gppm / np.sqrt(np.maximum(cos_g, 0.02))
-    gimg = mip_sample(scene.ground[variant], gmx, gmy, np.where(ground, tex_g, 1))
-    img = np.where(ground[:, :, None], gimg, img)
-    dist = np.where(wall, dist_w, np.where(ground, dist_g, np.inf))
-    # sky
-    elev = np.clip(dz / dn, -0.2, 1.0)[:, :, None]
-    if night:
-        hor, zen = np.array([45, 35, 40], np.float32), np.array([6, 9, 22], np.float32)
-    else:
-        hor, zen = np.array([225, 230, 235], np.float32), np.array([95, 145, 215], np.float32)
-    t = np.clip(elev / 0.6, 0, 1) ** 0.7
-    skyc = hor * (1 - t) + zen * t
-    img = np.where(sky[:, :, None], skyc, img)
-    # distance haze / darkness
-    fog_col = hor if not night else np.array([10, 10, 14], np.float32)
-    fog = (1 - np.exp(-np.where(sky, 0, dist) / (260.0 if not night else 120.0)))[:, :, None]
-    img = img * (1 - fog) + fog_col * fog
-    img = np.ascontiguousarray(img, dtype=np.float32)
+    wall = inside & (zw <= roof)
+    ground = ~wall & (tg < inf)
+    sky = ~(wall | ground)
+    tgf = np.where(ground, tg, 0)
+    gx = cam.x + tgf * dx
+    gy = cam.y + tgf * dy
+    rows = scene.rows
+    mx = np.where(wall, uw, (gy - st.ymin) * ppm)
+    my = np.where(wall, (_HMAX - zw) * ppm + np.where(right, np.float32(rows["right"]), 0),
+                  rows["ground"] + (gx + half) * _GROUND_PPM)
+    # sky: a row of the gradient strip chosen by the elevation of the ray
+    t = np.clip(dz * inv_dn / 0.6, 0, 1)
+    mx[sky] = 8.0
+    my[sky] = rows["sky"] + 1 + t[sky] * (_SKY_ROWS - 3)
+    mx = mx.astype(np.float32)
+    my = my.astype(np.float32)
+    dist = np.where(wall, tw, tgf) / inv_dn
+    cos_i = np.where(wall, np.abs(dx), np.abs(dz)) * inv_dn
+    texels = dist * np.float32(ppm / fpx) / np.sqrt(np.maximum(cos_i, 0.03))
+    lod = np.clip(np.log2(np.maximum(texels, 1e-3)), 0, _MIP_LEVELS - 1)
+    lod[sky] = 0
+    # trilinear-ish mip sampling: one remap per level, blended by level of detail
+    img = None
+    for k, lvl in enumerate(scene.atlas[variant]):
+        s = 0.5 ** k
+        smp = cv2.remap(lvl, (mx + 0.5) * s - 0.5, (my + 0.5) * s - 0.5, cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+        if img is None:
+            img = smp
+        else:
+            wk = np.clip(lod - (k - 1), 0, 1).astype(np.float32)
+            img = cv2.blendLinear(img, smp, 1 - wk, wk)
+    # distance haze (day) / darkness (night)
+    fog_col = (225, 230, 235) if not night else (10, 10, 14)
+    fog = (1 - np.exp(-np.where(sky, 0, dist) / (260.0 if not night else 120.0))).astype(np.float32)
+    img = cv2.blendLinear(img, np.full_like(img, fog_col), 1 - fog, fog)
 
     # street lamps: poles (day and night), glows (night)
     glows = []
     for lx, ly in scene.lamps:
-        if not (cam.y - 5 < ly < cam.y + 200) or abs(ly - cam.y) > 200:
+        if not (cam.y - 5 < ly < cam.y + 200):
             continue
         hx = lx - math.copysign(1.0, lx)
         pts = [(lx, ly, 0.0), (lx, ly, _LAMP_HEIGHT + 0.2), (hx, ly, _LAMP_HEIGHT + 0.2), (hx, ly, _LAMP_HEIGHT)]
@@ -888,16 +921,22 @@ def _render(scene: StreetScene, cam: Camera, variant: str, size, ss: int, rng,
             glows.append((p[3], zc[3]))
     if occluders:
         _draw_occluders(img, cam, st, fpx, Ws, Hs, rng, night)
-    if night:
-        yy, xx = np.mgrid[0:Hs, 0:Ws].astype(np.float32)
+    if night and glows:
+        img = img.astype(np.float32)
         for (px, py), zc in glows:
             s = fpx * 0.9 / zc
-            if not (-4 * s < px < Ws + 4 * s and -4 * s < py < Hs + 4 * s):
+            rad = 9 * s
+            x0, x1 = int(max(0, px - rad)), int(min(Ws, px + rad + 1))
+            y0, y1 = int(max(0, py - rad)), int(min(Hs, py + rad + 1))
+            if x1 <= x0 or y1 <= y0:
                 continue
+            yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
             d2 = ((xx - px) ** 2 + (yy - py) ** 2) / (s * s)
-            img += np.exp(-0.5 * d2)[:, :, None] * np.array([255, 200, 130], np.float32) * 1.2
-            img += np.exp(-0.5 * d2 / 9)[:, :, None] * np.array([90, 60, 35], np.float32) * 0.6
-    img = cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA) if ss > 1 else img
+            img[y0:y1, x0:x1] += (np.exp(-0.5 * d2)[:, :, None] * np.array([300, 240, 160], np.float32)
+                                  + np.exp(-0.5 * d2 / 9)[:, :, None] * np.array([55, 36, 20], np.float32))
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    if (Ws, Hs) != (W, H):
+        img = cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA)
     return img
 
 
@@ -907,7 +946,7 @@ def _draw_occluders(img, cam, st, fpx, Ws, Hs, rng, night):
     for _ in range(int(rng.integers(1, 3))):
         if rng.random() < 0.6:  # a parked car next to the curb, on the side we look at
             cx = sgn * (st.width / 2 - _SIDEWALK - 1.1)
-            cy = cam.y + rng.uniform(3.5, 12)
+            cy = cam.y + rng.uniform(5, 14)
             L, Wd, Hc = rng.uniform(3.8, 4.8), 1.8, rng.uniform(1.4, 1.6)
             corners = [(cx + sx * Wd / 2, cy + sy * L / 2, sz)
                        for sx in (-1, 1) for sy in (-1, 1) for sz in (0.25, Hc * 0.6)]
@@ -943,6 +982,7 @@ def _draw_occluders(img, cam, st, fpx, Ws, Hs, rng, night):
 
 
 def _post_day(img, rng):
+    img = img.astype(np.float32)
     gain = rng.uniform(0.85, 1.15)
     gamma = rng.uniform(0.9, 1.1)
     out = 255.0 * np.clip(img * gain / 255.0, 0, 1) ** gamma
@@ -955,10 +995,10 @@ def _post_night(img, rng):
         tint = np.array([0.85, 0.95, 1.25], np.float32)  # blue
     else:
         tint = np.array([1.2, 0.95, 0.75], np.float32)  # orange
-    img = img * tint * rng.uniform(1.0, 1.5)
-    out = 255.0 * np.clip(img / 255.0, 0, 1) ** rng.uniform(0.6, 0.85)
-    out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.5, 1.1))
-    sig = rng.uniform(3, 7)
+    img = img.astype(np.float32) * tint * rng.uniform(0.8, 1.2)
+    out = 255.0 * np.clip(img / 255.0, 0, 1) ** rng.uniform(0.75, 0.95)
+    out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.3, 0.8))
+    sig = rng.uniform(1.5, 4)
     noise = sig * rng.standard_normal(out.shape[:2] + (1,)).astype(np.float32)
     noise = noise + 0.5 * sig * rng.standard_normal(out.shape).astype(np.float32)
     return np.clip(out + noise, 0, 255).astype(np.uint8)
@@ -1071,6 +1111,28 @@ def _readme(conf, summary) -> str:
     )
 
 
+def _remove_stale_partials(root: str) -> None:
+    """Remove ``<root>.partial-<pid>`` folders left by generator processes that died."""
+    parent, base = os.path.split(root)
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(base + ".partial-"):
+            continue
+        pid = entry[len(base) + len(".partial-"):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            logger.info("removing stale partial output %s", entry)
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        except OSError:
+            pass  # exists but not ours to signal: leave it
+
+
 def generate(root: str | os.PathLike, conf: dict | None = None) -> dict:
     """Generate the dataset under ``root`` (atomically); return a summary dict.
 
@@ -1097,6 +1159,7 @@ def generate(root: str | os.PathLike, conf: dict | None = None) -> dict:
     size = (int(conf["image_size"][0]), int(conf["image_size"][1]))
     ss = int(conf["supersample"])
 
+    _remove_stale_partials(root)
     tmp = f"{root}.partial-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -1105,25 +1168,31 @@ def generate(root: str | os.PathLike, conf: dict | None = None) -> dict:
     db_pos, q_pos = [], []
     try:
         bar = _progress(len(db) + len(queries), "synthetic")
-        for st in streets:
-            scene = _build_scene(st, conf, styles, seed)
-            for shot in [s for s in db + queries if s.street == st.index]:
-                rng = np.random.default_rng([seed, 5 if shot.kind == "db" else 6, shot.index])
-                img = _render(scene, shot.cam, shot.variant, size, ss, rng, shot.occluders)
-                img = _post_day(img, rng) if shot.kind == "db" else _post_night(img, rng)
-                name, east, north = _shot_name(shot, st, conf)
-                sub = "database" if shot.kind == "db" else "queries"
-                ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, shot.quality])
-                if not ok:
-                    raise RuntimeError(f"JPEG encoding failed for {name}")
-                path = os.path.join(tmp, sub, name)
-                if os.path.exists(path):
-                    raise RuntimeError(f"duplicate image name {name}")
-                with open(path, "wb") as fh:
-                    fh.write(buf.tobytes())
-                (db_pos if shot.kind == "db" else q_pos).append((east, north))
-                bar.update(1)
-            del scene
+        workers = max(1, min(2, os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:  # numpy and cv2 release the GIL
+            for st in streets:
+                scene = _build_scene(st, conf, styles, seed)
+                shots = [s for s in db + queries if s.street == st.index]
+
+                def work(shot, scene=scene):
+                    rng = np.random.default_rng([seed, 5 if shot.kind == "db" else 6, shot.index])
+                    img = _render(scene, shot.cam, shot.variant, size, ss, rng, shot.occluders)
+                    img = _post_day(img, rng) if shot.kind == "db" else _post_night(img, rng)
+                    ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, shot.quality])
+                    if not ok:
+                        raise RuntimeError("JPEG encoding failed")
+                    return buf
+
+                for shot, buf in zip(shots, pool.map(work, shots)):
+                    name, east, north = _shot_name(shot, st, conf)
+                    path = os.path.join(tmp, "database" if shot.kind == "db" else "queries", name)
+                    if os.path.exists(path):
+                        raise RuntimeError(f"duplicate image name {name}")
+                    with open(path, "wb") as fh:
+                        fh.write(buf.tobytes())
+                    (db_pos if shot.kind == "db" else q_pos).append((east, north))
+                    bar.update(1)
+                del scene
         bar.close()
         # every query has a database image within the positive radius
         if q_pos:

@@ -2,6 +2,7 @@
 import json
 import shlex
 import sys
+import time
 
 sys.path.insert(0, workflow.basedir)  # the package, also when it is not pip-installed
 from pipeline.config import check_config
@@ -44,11 +45,33 @@ def method_json(method):
     return json.dumps(GMETHODS[method], sort_keys=True)
 
 
+def rebuild_if_inputs_missing(output, inputs):
+    """``inputs`` plus ``<output>.stamp``, a marker that is made newer than ``output``
+    when one of ``inputs`` was deleted.
+
+    Snakemake does not re-run a job whose output exists just because an
+    intermediate input is gone. Deleting, say, one database shard should re-run
+    that shard and everything built from it: a stamp with new content makes the
+    job out of date, and re-running it needs, and so re-makes, the missing input. The stamp
+    is always an input, so the set of inputs Snakemake records never changes.
+    """
+    inputs = list(inputs)
+    stamp = f"{output}.stamp"
+    if os.path.exists(output) and os.path.exists(stamp) and not all(os.path.exists(p) for p in inputs):
+        # new content, not just a new mtime: Snakemake ignores touched files whose checksum is unchanged
+        missing = [p for p in inputs if not os.path.exists(p)]
+        with open(stamp, "w") as f:
+            f.write(f"{time.time()} inputs missing: {missing}\n")
+    return inputs + [stamp]
+
+
 def database_shards(wildcards):
     """All database shard stores of a dataset/method (known once the index exists)."""
     table = checkpoints.index_dataset.get(dataset=wildcards.dataset).output.database
     n = num_shards(len(read_table(table)), config["retrieval"]["shard_size"])
-    return [f"{WORK}/{wildcards.dataset}/global/{wildcards.gmethod}/database/shard_{i:04d}.zarr" for i in range(n)]
+    gdir = f"{WORK}/{wildcards.dataset}/global/{wildcards.gmethod}"
+    shards = [f"{gdir}/database/shard_{i:04d}.zarr" for i in range(n)]
+    return rebuild_if_inputs_missing(f"{gdir}/faiss.index", shards)
 
 
 def available(dataset, method):
@@ -60,3 +83,11 @@ def available(dataset, method):
 
 def all_results():
     return [f"{RESULTS}/{d}/{m}.csv" for d in DATASETS for m in GMETHODS if available(d, m)]
+
+
+rule stamp:
+    """The marker of rebuild_if_inputs_missing."""
+    output:
+        "{path}.stamp",
+    shell:
+        "touch {output:q}"

@@ -3,7 +3,7 @@
 
 rule results:
     input:
-        f"{WORK}/{{dataset}}/topk/{{gmethod}}.h5",
+        lambda w: rebuild_if_inputs_missing(f"{RESULTS}/{w.dataset}/{w.gmethod}.csv", [f"{WORK}/{w.dataset}/topk/{w.gmethod}.h5"]),
     output:
         f"{RESULTS}/{{dataset}}/{{gmethod}}.csv",
     wildcard_constraints:
@@ -17,6 +17,6 @@ rule results:
     conda:
         CONDA_ENV
     shell:
-        "{PY} results --topk {input:q} --out {output:q} --dataset {wildcards.dataset}"
+        "{PY} results --topk {input[0]:q} --out {output:q} --dataset {wildcards.dataset}"
         " --method {wildcards.gmethod} --conf {params.conf:q} --threshold {params.threshold}"
         " --ns {params.ns} 2> {log:q}"

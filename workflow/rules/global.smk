@@ -98,6 +98,7 @@ rule build_index:
         gmethod=alternation(EXTRACTED),
     params:
         index=config["retrieval"]["index"],
+        stores=lambda w, input: " ".join(shlex.quote(p) for p in input if p.endswith(".zarr")),
     log:
         f"{WORK}/logs/index_{{dataset}}_{{gmethod}}.log",
     resources:
@@ -105,14 +106,18 @@ rule build_index:
     conda:
         CONDA_ENV
     shell:
-        "{PY} build-index --out {output.index:q} --index {params.index:q} {input:q} 2> {log:q}"
+        "{PY} build-index --out {output.index:q} --index {params.index:q} {params.stores} 2> {log:q}"
+
+
+def search_inputs(w):
+    gdir = f"{WORK}/{w.dataset}/global/{w.gmethod}"
+    return rebuild_if_inputs_missing(f"{WORK}/{w.dataset}/topk/{w.gmethod}.h5", [f"{gdir}/faiss.index", f"{gdir}/queries.zarr"])
 
 
 rule search:
     """Top-k database candidates of every query."""
     input:
-        index=f"{GDIR}/faiss.index",
-        queries=f"{GDIR}/queries.zarr",
+        search_inputs,
     output:
         f"{WORK}/{{dataset}}/topk/{{gmethod}}.h5",
     wildcard_constraints:
@@ -126,7 +131,7 @@ rule search:
     conda:
         CONDA_ENV
     shell:
-        "{PY} search --index {input.index:q} --queries {input.queries:q} --out {output:q}"
+        "{PY} search --index {input[0]:q} --queries {input[1]:q} --out {output:q}"
         " --k {params.k} --nprobe {params.nprobe} --meta {params.meta:q} 2> {log:q}"
 
 

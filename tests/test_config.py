@@ -1,0 +1,76 @@
+"""config.yaml: schema validation with clear errors, and the checks beyond it."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, check_config, load_config, validate_schema
+
+from .conftest import REPO
+
+BASE = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def validated(mutate):
+    c = copy.deepcopy(BASE)
+    mutate(c)
+    return check_config(validate_schema(c))
+
+
+def test_shipped_config_is_valid_and_defaults_filled():
+    c = load_config(REPO / "config.yaml")
+    assert c["retrieval"]["k"] == 100 and c["evaluation"]["threshold_m"] == 25
+    assert c["datasets"]["demo"]["on_bad_name"] == "error"
+    assert c["global_methods"]["vlad_sift"]["extraction"]["chunk_size"] == 1024
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c["retrieval"].update(k=0), "0 is less than the minimum of 1"),
+        (lambda c: c["retrieval"].update(top_k=5), "Additional properties are not allowed ('top_k'"),
+        (lambda c: c["global_methods"]["vlad_sift"]["model"].update(name="netvlad"), "'netvlad' is not one of"),
+        (lambda c: c.pop("datasets"), "'datasets' is a required property"),
+        (lambda c: c["evaluation"].update(threshold_m=-5), "less than or equal to the minimum of 0"),
+        (lambda c: c["datasets"].update({"bad name": {"root": "x"}}), "does not match"),
+        (lambda c: c["global_methods"]["vlad_sift"].update({"import": {"demo": "x.h5"}}), "vlad_sift"),
+        (lambda c: c["global_methods"]["vlad_sift"]["extraction"].update(device="gpu"), "'gpu' does not match"),
+    ],
+)
+def test_schema_errors_are_clear(mutate, message):
+    with pytest.raises(Exception) as e:
+        validated(mutate)
+    assert message in str(e.value)
+
+
+def test_unknown_model_option_named():
+    with pytest.raises(ConfigError, match=r"global_methods.vlad_sift.model: unknown option 'n_cluster'"):
+        validated(lambda c: c["global_methods"]["vlad_sift"]["model"].update(n_cluster=3))
+
+
+def test_import_for_unknown_dataset():
+    with pytest.raises(ConfigError, match="'nowhere', which is not under datasets"):
+        validated(lambda c: c["global_methods"]["cosplace_thesis"]["import"].update(nowhere="x.h5"))
+
+
+def test_bad_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("datasets: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_snakemake_refuses_bad_config(tmp_path):
+    import subprocess
+
+    c = copy.deepcopy(BASE)
+    c["retrieval"]["k"] = "many"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(c))
+    r = subprocess.run(
+        ["snakemake", "-n", "--snakefile", str(REPO / "Snakefile"), "-d", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode != 0
+    assert "'many' is not of type 'integer'" in r.stdout + r.stderr

@@ -1,0 +1,33 @@
+"""The conda environment files stay in step with pyproject.toml."""
+
+import re
+import tomllib
+
+import yaml
+
+from .conftest import REPO
+
+# pip name -> conda name where they differ
+CONDA_NAMES = {"torch": "pytorch", "opencv-python-headless": "opencv", "snakemake": "snakemake-minimal",
+               "matplotlib": "matplotlib-base", "faiss-cpu": "faiss-cpu"}
+
+
+def requirement_names(reqs):
+    return [re.split(r"[<>=!~ \[]", r, maxsplit=1)[0].lower() for r in reqs]
+
+
+def env_names(path):
+    deps = yaml.safe_load(path.read_text())["dependencies"]
+    return {re.split(r"[<>=! ]", d, maxsplit=1)[0].lower() for d in deps if isinstance(d, str)}
+
+
+def test_every_dependency_in_both_envs():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pip = requirement_names(project["dependencies"] + project["optional-dependencies"]["test"])
+    for env in ("pipeline.yaml", "pipeline-gpu.yaml"):
+        have = env_names(REPO / "envs" / env)
+        for name in pip:
+            conda = CONDA_NAMES.get(name, name)
+            if env == "pipeline-gpu.yaml" and conda == "faiss-cpu":
+                conda = "faiss-gpu"
+            assert conda in have, f"envs/{env} lacks {conda} (pyproject.toml needs {name})"
