@@ -18,7 +18,7 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()  # decodes fully: a truncated file raises here
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # a writable copy
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"{path}: cannot read image ({e})") from None
 
@@ -44,5 +44,5 @@ def load_tensor(path: str | Path, resize=None) -> torch.Tensor:
     h, w = img.shape[:2]
     tw, th = target_size(w, h, resize)
     if (tw, th) != (w, h):
-        img = np.asarray(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
+        img = np.array(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)

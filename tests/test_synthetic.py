@@ -148,3 +148,11 @@ def test_cli_noop_on_complete_root(small_root, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["created"] is False
     assert out["counts"] == summary["counts"]
+
+
+def test_empty_existing_root_is_filled(tmp_path):
+    # Snakemake creates the output's folder before the job runs
+    root = tmp_path / "made_by_snakemake"
+    root.mkdir()
+    summary = generate(root, SMALL)
+    assert summary["created"] is True and (root / "synthetic.json").exists()

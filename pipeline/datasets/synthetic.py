@@ -1142,6 +1142,8 @@ def generate(root: str | os.PathLike, conf: dict | None = None) -> dict:
     """
     conf = _merge_conf(conf)
     root = os.path.abspath(os.fspath(root))
+    if os.path.isdir(root) and not os.listdir(root):
+        os.rmdir(root)  # an empty folder (e.g. made by Snakemake for the output) is no dataset yet
     if os.path.exists(root):
         stored = _stored_summary(root)
         if stored is not None and stored.get("conf") == conf:

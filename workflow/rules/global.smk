@@ -100,7 +100,7 @@ rule build_index:
         index=config["retrieval"]["index"],
         stores=lambda w, input: " ".join(shlex.quote(p) for p in input if p.endswith(".zarr")),
     log:
-        f"{WORK}/logs/index_{{dataset}}_{{gmethod}}.log",
+        f"{WORK}/logs/faiss_{{dataset}}_{{gmethod}}.log",
     resources:
         mem_mb=16000,
     conda:
