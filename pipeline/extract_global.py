@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from .datasets.index import read_table
 from .global_features import build_model
-from .images import ImageReadError, load_tensor
+from .images import ImageReadError, load_uint8, to_float
 from .io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def pick_device(device: str) -> torch.device:
 
 
 class ImageList(Dataset):
-    """Images of a dataset by relative name; unreadable ones come back as errors."""
+    """Images (``uint8 [3, H, W]``) of a dataset by relative name; unreadable ones come back as errors."""
 
     def __init__(self, root: Path, names: list[str], resize=None):
         self.root, self.names, self.resize = Path(root), names, resize
@@ -74,19 +75,41 @@ class ImageList(Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, load_tensor(self.root / self.names[i], self.resize), None
+            return i, load_uint8(self.root / self.names[i], self.resize), None
         except ImageReadError as e:
             return i, None, str(e)
 
 
-def _collate(batch):
-    return batch
+@dataclass
+class Batch:
+    """A loader batch: the readable images (stacked when they share a size) and the errors."""
+
+    size: int  # images asked for, readable or not
+    idx: list[int]
+    images: torch.Tensor | list[torch.Tensor] | None
+    errors: list[tuple[int, str]]
+
+    def pin_memory(self):  # called by the DataLoader's pinning thread when pin_memory=True
+        if isinstance(self.images, torch.Tensor):
+            self.images = self.images.pin_memory()
+        return self
 
 
-def image_loader(root, names, resize, batch_size, num_workers) -> DataLoader:
+def _collate(batch) -> Batch:
+    # runs in the loader's worker: stacking there sends one shared-memory block per batch
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    tensors = [t for _, t in ok]
+    if tensors and all(t.shape == tensors[0].shape for t in tensors):
+        images = torch.stack(tensors)
+    else:
+        images = tensors or None
+    return Batch(len(batch), [i for i, _ in ok], images, [(i, e) for i, t, e in batch if t is None])
+
+
+def image_loader(root, names, resize, batch_size, num_workers, pin_memory=False) -> DataLoader:
     return DataLoader(
         ImageList(root, names, resize), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=_collate, shuffle=False,
+        collate_fn=_collate, shuffle=False, pin_memory=pin_memory,
     )
 
 
@@ -100,19 +123,44 @@ def load_model(model_conf: dict, fit_state: str | Path | None, device: torch.dev
 
 
 @torch.inference_mode()
-def describe_batch(model, batch, device) -> tuple[list[int], np.ndarray | None, list[tuple[int, str]]]:
-    """Run the model on one loader batch. Returns (indices, descriptors, errors)."""
-    ok = [(i, t) for i, t, err in batch if t is not None]
-    errors = [(i, err) for i, t, err in batch if t is None]
-    if not ok:
-        return [], None, errors
-    idx = [i for i, _ in ok]
-    tensors = [t for _, t in ok]
-    if all(t.shape == tensors[0].shape for t in tensors):
-        desc = model(torch.stack(tensors).to(device))
+def describe_batch(model, batch: Batch, device):
+    """Start describing one loader batch's readable images.
+
+    Returns a callable giving the descriptors ``[len(batch.idx), D]`` as numpy. On a
+    GPU the result is copied back asynchronously, so the next batch can be loaded
+    and launched before this one is collected.
+    """
+    if batch.images is None:
+        return lambda: None
+    if isinstance(batch.images, torch.Tensor):
+        desc = model(to_float(batch.images.to(device, non_blocking=True)))
     else:  # images of different sizes: one at a time
-        desc = torch.cat([model(t[None].to(device)) for t in tensors])
-    return idx, desc.float().cpu().numpy(), errors
+        desc = torch.cat([model(to_float(t[None].to(device))) for t in batch.images])
+    if device.type != "cuda":
+        out = desc.float().numpy()
+        return lambda: out
+    host = torch.empty(desc.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(desc, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def collect():
+        done.synchronize()
+        return host.numpy()
+
+    return collect
+
+
+def describe_stream(model, loader, device):
+    """Yield ``(batch, descriptors)`` in order, one batch in flight ahead."""
+    pending = None
+    for batch in loader:
+        result = describe_batch(model, batch, device)
+        if pending is not None:
+            yield pending[0], pending[1]()
+        pending = (batch, result)
+    if pending is not None:
+        yield pending[0], pending[1]()
 
 
 def extract_global(
@@ -153,7 +201,10 @@ def extract_global(
         logger.info("%s: resuming, %d of %d chunks already done", out, len(done), n_chunks)
     errors: dict[str, str] = json.loads((progress / "errors.json").read_text()) if (progress / "errors.json").exists() else {}
     todo_idx = [i for c in todo for i in range(c * chunk_size, min(n, (c + 1) * chunk_size))]
-    loader = image_loader(root, [names[i] for i in todo_idx], model_conf.get("resize"), batch_size, num_workers)
+    loader = image_loader(
+        root, [names[i] for i in todo_idx], model_conf.get("resize"), batch_size, num_workers,
+        pin_memory=dev.type == "cuda",
+    )
     # the buffer holds the current chunk plus the start of the next (a batch can straddle them)
     buf_desc = np.zeros((chunk_size + batch_size, dim), np.float32)
     buf_valid = np.zeros(chunk_size + batch_size, bool)
@@ -162,15 +213,14 @@ def extract_global(
     filled = 0
     t0 = time.time()
     bar = tqdm(total=len(todo_idx), desc=f"describe {out.name}", mininterval=2, unit="img")
-    for batch in loader:
-        idx, desc, errs = describe_batch(model, batch, dev)
-        for j, err in errs:
+    for batch, desc in describe_stream(model, loader, dev):
+        for j, err in batch.errors:
             errors[names[todo_idx[j]]] = err
             logger.warning("skipped (marked invalid): %s", err)
-        for k, j in enumerate(idx):
+        for k, j in enumerate(batch.idx):
             buf_desc[j - base], buf_valid[j - base] = desc[k], True
-        filled += len(batch)
-        bar.update(len(batch))
+        filled += batch.size
+        bar.update(batch.size)
         # flush every chunk that is now complete
         while chunk_pos < len(todo):
             c = todo[chunk_pos]
@@ -284,11 +334,10 @@ def fit_global(
 
     def images():
         for batch in loader:
-            for _, t, err in batch:
-                if t is None:
-                    logger.warning("fit: skipped %s", err)
-                else:
-                    yield t
+            for _, err in batch.errors:
+                logger.warning("fit: skipped %s", err)
+            for t in batch.images if batch.images is not None else []:
+                yield to_float(t)
 
     with torch.inference_mode():
         state = model.fit(images())

@@ -38,11 +38,25 @@ def target_size(width: int, height: int, resize) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def load_tensor(path: str | Path, resize=None) -> torch.Tensor:
-    """Read an image as a float tensor ``[3, H, W]`` in [0, 1], resized per ``resize``."""
+def load_uint8(path: str | Path, resize=None) -> torch.Tensor:
+    """Read an image as a ``uint8`` tensor ``[3, H, W]``, resized per ``resize``.
+
+    Loaders pass images on as 8 bits (a quarter of the bytes of floats) and convert
+    them with :func:`to_float` where the model runs.
+    """
     img = read_image(path)
     h, w = img.shape[:2]
     tw, th = target_size(w, h, resize)
     if (tw, th) != (w, h):
         img = np.array(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """``uint8`` images to floats in [0, 1] (on the images' device)."""
+    return images.float().div_(255.0)
+
+
+def load_tensor(path: str | Path, resize=None) -> torch.Tensor:
+    """Read an image as a float tensor ``[3, H, W]`` in [0, 1], resized per ``resize``."""
+    return to_float(load_uint8(path, resize))

@@ -118,12 +118,13 @@ def test_resume_after_sigkill(tmp_path):
     )
     cmd = [sys.executable, "-m", "pipeline", "--threads", "1", "extract-global", "--conf", conf, "--root", str(root),
            "--table", str(tmp_path / "index" / "database.csv"), "--out", str(out), "--fit-state", str(fit)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     progress = tmp_path / "db.zarr.progress"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(progress.glob("chunk_*"))) < 2:
+    while time.time() < deadline and proc.poll() is None and len(list(progress.glob("chunk_*"))) < 2:
         time.sleep(0.01)
+    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(progress.glob("chunk_*")))
