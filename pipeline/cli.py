@@ -29,7 +29,7 @@ def cmd_synthetic(a):
 def cmd_index(a):
     from .datasets.index import index_dataset
 
-    index_dataset(a.root, a.out, a.on_bad_name, a.workers)
+    index_dataset(a.root, a.out, a.on_bad_name, a.workers, a.positions)
 
 
 def cmd_fit_global(a):
@@ -77,13 +77,17 @@ def cmd_evaluate(a):
 
 
 def cmd_results(a):
-    from .evaluate import evaluate_topk, format_table, write_results
+    from .evaluate import evaluate_topk, format_table, index_positions, write_results
     from .topk import read_topk
 
     topk = read_topk(a.topk)
-    row = {"dataset": a.dataset, "method": a.method, **evaluate_topk(topk, a.threshold, a.ns)}
+    positions = index_positions(a.index_dir) if a.index_dir else None
+    row = {"dataset": a.dataset, "method": a.method, **evaluate_topk(topk, a.threshold, a.ns, positions)}
     # provenance: what produced these numbers
     row["index"] = topk.meta.get("index", "")
+    model = a.conf.get("model", {})
+    row["resize"] = json.dumps(model.get("resize")) if model else ""
+    row["seed"] = model.get("seed", "") if model else ""
     row["conf"] = a.conf
     row["imported_from"] = topk.meta.get("imported_from", "")
     write_results(a.out, [row])
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--on-bad-name", choices=["error", "skip"], default="error")
     s.add_argument("--workers", type=int, default=8)
+    s.add_argument("--positions", default=None, help="CSV of name + lat/lon (or east/north/zone)")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("fit-global", help="fit a global model's codebook/PCA on the database")
@@ -160,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--conf", type=_json, default={})
     s.add_argument("--threshold", type=float, default=25.0)
     s.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20, 100])
+    s.add_argument("--index-dir", default=None, help="the dataset's index tables, for names without positions")
     s.set_defaults(func=cmd_results)
     return p
 

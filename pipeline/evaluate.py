@@ -3,6 +3,8 @@ candidates lies within ``threshold`` metres (UTM) of it.
 
 Positions are read from the VG benchmark names of the queries and candidates, so
 any top-k file, ours or imported, is evaluated the same way without the images.
+For datasets whose names carry no position, the index tables (positions from a
+CSV) are given instead (``positions``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets.geo import common_zone_positions
-from .datasets.names import parse_name
+from .datasets.names import BadNameError, Position, parse_name
 from .io import atomic_path
 from .topk import TopK, read_topk
 
@@ -26,8 +28,34 @@ logger = logging.getLogger(__name__)
 DEFAULT_NS = (1, 5, 10, 20, 100)
 
 
-def _positions(names) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
-    pos = [parse_name(n) for n in names]
+def index_positions(index_dir) -> dict[str, Position]:
+    """Positions by image name from a dataset's index tables (all in its common zone)."""
+    from .datasets.index import read_table
+    from .io import read_json
+
+    index_dir = Path(index_dir)
+    zone = read_json(index_dir / "summary.json")["zone"]
+    out = {}
+    for split in ("database", "queries"):
+        df = read_table(index_dir / f"{split}.csv")
+        for name, e, n, lat, lon in zip(df.name, df.east, df.north, df.lat, df.lon):
+            out[name] = Position(float(e), float(n), int(zone[:-1]), zone[-1], float(lat), float(lon))
+    return out
+
+
+def _position(name, lookup):
+    if lookup is not None and name in lookup:
+        return lookup[name]
+    try:
+        return parse_name(name)
+    except BadNameError as e:
+        if lookup is None:
+            raise
+        raise BadNameError(f"{e} (and it is not in the dataset's index tables)") from None
+
+
+def _positions(names, lookup=None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    pos = [_position(n, lookup) for n in names]
     return (
         np.array([[p.east, p.north] for p in pos], dtype=np.float64).reshape(-1, 2),
         [p.zone_id for p in pos],
@@ -36,10 +64,10 @@ def _positions(names) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     )
 
 
-def candidate_distances(topk: TopK) -> np.ndarray:
+def candidate_distances(topk: TopK, positions: dict | None = None) -> np.ndarray:
     """``[Q, k]`` metres between each query and each of its candidates."""
-    q_xy, q_zone, q_lat, q_lon = _positions(topk.query_names)
-    c_xy, c_zone, c_lat, c_lon = _positions(topk.candidate_names.ravel())
+    q_xy, q_zone, q_lat, q_lon = _positions(topk.query_names, positions)
+    c_xy, c_zone, c_lat, c_lon = _positions(topk.candidate_names.ravel(), positions)
     xy, _ = common_zone_positions(
         np.concatenate([q_xy[:, 0], c_xy[:, 0]]), np.concatenate([q_xy[:, 1], c_xy[:, 1]]),
         q_zone + c_zone, np.concatenate([q_lat, c_lat]), np.concatenate([q_lon, c_lon]),
@@ -62,11 +90,11 @@ def recall_at_n(correct: np.ndarray, ns=DEFAULT_NS) -> dict[int, float]:
     return {n: (100.0 * float(np.mean(first < n)) if n <= correct.shape[1] else math.nan) for n in ns}
 
 
-def evaluate_topk(topk: TopK | str | Path, threshold: float = 25.0, ns=DEFAULT_NS) -> dict:
+def evaluate_topk(topk: TopK | str | Path, threshold: float = 25.0, ns=DEFAULT_NS, positions=None) -> dict:
     """Recalls of one top-k list (a :class:`TopK` or a path to one)."""
     if not isinstance(topk, TopK):
         topk = read_topk(topk)
-    correct = candidate_distances(topk) <= threshold
+    correct = candidate_distances(topk, positions) <= threshold
     rec = recall_at_n(correct, ns)
     return {
         **{f"R@{n}": rec[n] for n in ns},
@@ -106,10 +134,12 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=25.0, help="metres (default 25)")
     p.add_argument("--ns", type=int, nargs="+", default=list(DEFAULT_NS))
     p.add_argument("--out", help="also write the table as CSV here")
+    p.add_argument("--index-dir", help="the dataset's index tables, for names without positions")
     a = p.parse_args(argv)
+    positions = index_positions(a.index_dir) if a.index_dir else None
     rows = []
     for path in a.topk:
-        r = evaluate_topk(path, a.threshold, a.ns)
+        r = evaluate_topk(path, a.threshold, a.ns, positions)
         rows.append({"method": Path(path).stem, **r})
     print(format_table(rows, a.ns))
     if a.out:

@@ -81,3 +81,63 @@ def test_mixed_zones_without_latlon_refused(tiny_dataset, tmp_path):
     shutil.move(src, tiny_dataset / "database" / "@0200000.00@4180000.00@11@S@@@x@.jpg")
     with pytest.raises(ValueError, match="UTM zones"):
         index_dataset(tiny_dataset, tmp_path / "i")
+
+
+def plain_named_dataset(root, tmp_path):
+    """The tiny dataset renamed to IMG_*.jpg, with its positions in a lat/lon CSV."""
+    import utm
+
+    from pipeline.datasets.names import parse_name
+
+    rows = []
+    for split in ("database", "queries"):
+        for i, f in enumerate(sorted((root / split).iterdir())):
+            p = parse_name(f.name)
+            lat, lon = utm.to_latlon(p.east, p.north, p.zone, p.letter)
+            new = f.with_name(f"IMG_{i:04d}.jpg")
+            f.rename(new)
+            rows.append({"name": f"{split}/{new.name}", "lat": lat, "lon": lon})
+    csv = tmp_path / "positions.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv
+
+
+def test_positions_from_csv(tiny_dataset, tmp_path):
+    csv = plain_named_dataset(tiny_dataset, tmp_path)
+    summary = index_dataset(tiny_dataset, tmp_path / "index", positions=csv)
+    assert summary["counts"] == {"database": 12, "queries": 4} and summary["zone"] == "10S"
+    db = read_table(tmp_path / "index" / "database.csv")
+    assert db.name[0] == "database/IMG_0000.jpg"
+    assert db.east[0] == pytest.approx(550000.0, abs=0.01) and db.east[11] == pytest.approx(550110.0, abs=0.01)
+
+
+def test_positions_csv_problems_are_named(tiny_dataset, tmp_path):
+    csv = plain_named_dataset(tiny_dataset, tmp_path)
+    df = pd.read_csv(csv)
+    df[df.name != "queries/IMG_0002.jpg"].to_csv(csv, index=False)
+    with pytest.raises(DatasetError, match="queries/IMG_0002.jpg' has no row in the positions CSV"):
+        index_dataset(tiny_dataset, tmp_path / "index", positions=csv)
+    df[["name", "lat"]].to_csv(csv, index=False)
+    with pytest.raises(DatasetError, match="needs lat/lon or east/north/zone"):
+        index_dataset(tiny_dataset, tmp_path / "index", positions=csv)
+
+
+def test_evaluation_with_index_positions(tiny_dataset, tmp_path):
+    import numpy as np
+
+    from pipeline.datasets.names import BadNameError
+    from pipeline.evaluate import evaluate_topk, index_positions
+    from pipeline.topk import TopK
+
+    csv = plain_named_dataset(tiny_dataset, tmp_path)
+    index_dataset(tiny_dataset, tmp_path / "index", positions=csv)
+    positions = index_positions(tmp_path / "index")
+    db = read_table(tmp_path / "index" / "database.csv").name.tolist()
+    queries = read_table(tmp_path / "index" / "queries.csv").name.tolist()
+    # query j sits 2.2 m from database image 3j: rank it second, behind a far image
+    cands = [[db[(3 * j + 6) % 12], db[3 * j]] for j in range(4)]
+    topk = TopK(queries, cands, np.zeros((4, 2)), np.zeros((4, 2)))
+    r = evaluate_topk(topk, 25.0, (1, 2), positions)
+    assert r["R@1"] == 0.0 and r["R@2"] == 100.0
+    with pytest.raises(BadNameError, match="not in the dataset's index tables"):
+        evaluate_topk(TopK(["queries/other.jpg"], [cands[0]], [[0, 0]], [[0, 0]]), 25.0, (1,), positions)

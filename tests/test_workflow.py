@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from .conftest import REPO, make_dataset
+from .test_index import plain_named_dataset
 
 METHOD = {
     "model": {"name": "vlad", "local": {"name": "sift", "max_keypoints": 300}, "n_clusters": 8, "dim": 8,
@@ -42,8 +43,11 @@ def job_counts(output: str) -> dict:
 def project(tmp_path_factory):
     wd = tmp_path_factory.mktemp("wf")
     make_dataset(wd / "data" / "tiny", n_db=12, n_q=4)
+    # the same images named IMG_*.jpg, their positions in a CSV
+    plain = make_dataset(wd / "data" / "plain", n_db=12, n_q=4)
+    plain_named_dataset(plain, wd)
     config = {
-        "datasets": {"tiny": {"root": "data/tiny"}},
+        "datasets": {"tiny": {"root": "data/tiny"}, "plain": {"root": "data/plain", "positions": "positions.csv"}},
         "global_methods": {"vlad_a": METHOD, "vlad_b": {**METHOD, "model": {**METHOD["model"], "n_clusters": 6}}},
         "retrieval": {"k": 5, "shard_size": 5},
         "evaluation": {"recall_at": [1, 5]},
@@ -61,6 +65,14 @@ def test_results_written(project):
         assert df.n_queries[0] == 4 and df["R@5"][0] == 100.0
     shards = sorted(p.name for p in (project / "work/tiny/global/vlad_a/database").iterdir())
     assert shards == ["shard_0000.zarr", "shard_0001.zarr", "shard_0002.zarr"]
+
+
+def test_positions_csv_dataset(project):
+    tiny = pd.read_csv(project / "results" / "tiny" / "vlad_a.csv")
+    plain = pd.read_csv(project / "results" / "plain" / "vlad_a.csv")
+    assert plain.n_queries[0] == 4
+    # same images, same positions: the same recalls whether positions come from names or the CSV
+    assert plain["R@1"][0] == tiny["R@1"][0] and plain["R@5"][0] == 100.0
 
 
 def test_second_invocation_has_nothing_to_do(project):
@@ -89,5 +101,6 @@ def test_changing_one_method_reruns_only_that_method(project):
     assert code == 0, out
     assert "vlad_a" not in out.split("Job stats")[0]
     counts = job_counts(out)
-    assert counts == {"fit_global": 1, "extract_database_shard": 3, "extract_queries": 1, "build_index": 1,
-                      "search": 1, "results": 1}, out
+    # for both datasets: nothing of vlad_a, no indexing
+    assert counts == {"fit_global": 2, "extract_database_shard": 6, "extract_queries": 2, "build_index": 2,
+                      "search": 2, "results": 2}, out

@@ -12,8 +12,13 @@ positions into one UTM zone and writes
 - ``<out>/skipped.csv``: every image left out, with the reason;
 - ``<out>/summary.json``: counts, the common zone, the options used.
 
-Bad names are an error by default (they would give wrong positions); unreadable
-or truncated images are skipped and listed, never silently dropped.
+Positions come from the VG names, or, for photos named otherwise, from a CSV
+(``positions``) with a ``name`` column (path relative to the root) and either
+``lat``/``lon`` (converted to UTM) or ``east``/``north``/``zone`` (e.g. ``10S``).
+
+Bad names (or images missing from the positions CSV) are an error by default
+(they would give wrong positions); unreadable or truncated images are skipped and
+listed, never silently dropped.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from tqdm import tqdm
 
 from ..io import atomic_path, write_json
 from .geo import common_zone_positions
-from .names import BadNameError, is_image_file, parse_name
+from .names import BadNameError, Position, is_image_file, parse_name
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +84,51 @@ def check_image(path: Path) -> tuple[int, int] | str:
         return f"unreadable image ({e})"
 
 
-def index_split(root: Path, split: str, on_bad_name: str = "error", workers: int = 8):
-    """Return ``(rows, skipped)`` for one split."""
+def read_positions(path) -> dict[str, Position]:
+    """Positions by image name from a CSV (see the module docstring)."""
+    import utm
+
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype={"name": str, "zone": str})
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read the positions CSV ({e})") from None
+    if "name" not in df.columns:
+        raise DatasetError(f"{path}: positions CSV needs a 'name' column (found {list(df.columns)})")
+    out = {}
+    if {"east", "north", "zone"} <= set(df.columns):
+        for r in df.itertuples():
+            zone = str(r.zone).strip()
+            if not (zone[:-1].isdigit() and zone[-1].isalpha()):
+                raise DatasetError(f"{path}: row {r.name!r} has zone {zone!r}; expected e.g. '10S'")
+            lat, lon = (float(r.lat), float(r.lon)) if "lat" in df.columns else (np.nan, np.nan)
+            out[r.name] = Position(float(r.east), float(r.north), int(zone[:-1]), zone[-1].upper(), lat, lon)
+    elif {"lat", "lon"} <= set(df.columns):
+        for r in df.itertuples():
+            try:
+                e, n, zn, zl = utm.from_latlon(float(r.lat), float(r.lon))
+            except (ValueError, utm.error.OutOfRangeError) as err:
+                raise DatasetError(f"{path}: row {r.name!r}: {err}") from None
+            out[r.name] = Position(float(e), float(n), int(zn), zl, float(r.lat), float(r.lon))
+    else:
+        raise DatasetError(f"{path}: positions CSV needs lat/lon or east/north/zone columns (found {list(df.columns)})")
+    return out
+
+
+def index_split(root: Path, split: str, on_bad_name: str = "error", workers: int = 8, positions=None):
+    """Return ``(rows, skipped)`` for one split (``positions``: name -> Position, or None)."""
     names = list_images(root, split)
     rows, skipped, bad = [], [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         checks = pool.map(lambda n: check_image(root / n), names, chunksize=64)
         for name, check in tqdm(zip(names, checks), total=len(names), desc=f"index {split}", mininterval=2):
             try:
-                pos = parse_name(name)
+                if positions is None:
+                    pos = parse_name(name)
+                elif name in positions:
+                    pos = positions[name]
+                else:
+                    raise BadNameError(f"{name!r} has no row in the positions CSV")
             except BadNameError as e:
                 bad.append(f"{split}: {e}")
                 skipped.append({"name": name, "split": split, "reason": f"bad name: {e}"})
@@ -100,7 +141,7 @@ def index_split(root: Path, split: str, on_bad_name: str = "error", workers: int
         shown = "\n  ".join(bad[:10])
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise DatasetError(
-            f"{root / split}: {len(bad)} file names are not VG benchmark names:\n  {shown}{more}\n"
+            f"{root / split}: {len(bad)} images have no position:\n  {shown}{more}\n"
             "Rename them, or set on_bad_name: skip for this dataset to skip (and list) them."
         )
     if not rows:
@@ -108,14 +149,15 @@ def index_split(root: Path, split: str, on_bad_name: str = "error", workers: int
     return rows, skipped
 
 
-def index_dataset(root, out_dir, on_bad_name: str = "error", workers: int = 8) -> dict:
+def index_dataset(root, out_dir, on_bad_name: str = "error", workers: int = 8, positions=None) -> dict:
     """Index ``root`` into ``out_dir`` (see the module docstring). Returns the summary."""
     root, out_dir = Path(root), Path(out_dir)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
+    lookup = read_positions(positions) if positions else None
     tables, skipped = {}, []
     for split in SPLITS:
-        rows, skip = index_split(root, split, on_bad_name, workers)
+        rows, skip = index_split(root, split, on_bad_name, workers, lookup)
         tables[split] = pd.DataFrame(rows, columns=COLUMNS)
         skipped += skip
     both = pd.concat([tables[s] for s in SPLITS], ignore_index=True)
@@ -140,6 +182,7 @@ def index_dataset(root, out_dir, on_bad_name: str = "error", workers: int = 8) -
         "counts": {s: len(tables[s]) for s in SPLITS},
         "skipped": {s: sum(1 for r in skipped if r["split"] == s) for s in SPLITS},
         "on_bad_name": on_bad_name,
+        "positions": str(positions) if positions else "names",
     }
     for row in skipped[:20]:
         logger.warning("skipped %s: %s", row["name"], row["reason"])
@@ -173,8 +216,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder for the tables")
     p.add_argument("--on-bad-name", choices=["error", "skip"], default="error")
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--positions", help="CSV of name + lat/lon (or east/north/zone) for non-VG names")
     a = p.parse_args(argv)
-    print(index_dataset(a.root, a.out, a.on_bad_name, a.workers))
+    print(index_dataset(a.root, a.out, a.on_bad_name, a.workers, a.positions))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """VLAD over local features: a training-free global descriptor that works on CPU.
 
 Local descriptors (SIFT, ALIKED, DISK, ... from :mod:`pipeline.local_features`)
-are soft-free (hard) assigned to a k-means codebook; the per-cluster residual sums
+are assigned to their nearest word of a k-means codebook; the per-cluster residual sums
 are intra-normalised, power-normalised, flattened, L2-normalised and projected by
 PCA (with optional regularised whitening) to ``dim`` dimensions (Jegou & Chum,
 ECCV 2012). The codebook and the PCA are fitted on database images as a pipeline

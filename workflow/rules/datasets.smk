@@ -2,9 +2,15 @@
 
 
 def dataset_ready(wildcards):
-    """The synthetic dataset's marker, so it is generated first; nothing for real datasets."""
+    """The synthetic dataset's marker (so it is generated first) and the positions CSV, if any."""
     ds = DATASETS[wildcards.dataset]
-    return [f"{ds['root']}/synthetic.json"] if ds.get("synthetic") is not None else []
+    ready = [f"{ds['root']}/synthetic.json"] if ds.get("synthetic") is not None else []
+    return ready + ([ds["positions"]] if ds.get("positions") else [])
+
+
+def positions_arg(wildcards):
+    path = DATASETS[wildcards.dataset].get("positions")
+    return f"--positions {shlex.quote(path)}" if path else ""
 
 
 for _name, _ds in DATASETS.items():
@@ -38,6 +44,7 @@ checkpoint index_dataset:
         root=dataset_root,
         on_bad_name=lambda w: DATASETS[w.dataset]["on_bad_name"],
         out=lambda w, output: os.path.dirname(output.database),
+        positions=positions_arg,
     log:
         f"{WORK}/logs/index_{{dataset}}.log",
     threads: 4
@@ -47,4 +54,4 @@ checkpoint index_dataset:
         CONDA_ENV
     shell:
         "{PY} index --root {params.root:q} --out {params.out:q} --on-bad-name {params.on_bad_name}"
-        " --workers {threads} 2> {log:q}"
+        " --workers {threads} {params.positions} 2> {log:q}"
