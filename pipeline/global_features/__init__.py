@@ -7,25 +7,20 @@ one subclass of :class:`~pipeline.global_features.base.GlobalModel` named in
 
 from __future__ import annotations
 
-import importlib
-
+from ..registry import Registry
 from .base import GlobalModel
 
 MODELS = {
     "cosplace": ("pipeline.global_features.cosplace", "CosPlace"),
     "vlad": ("pipeline.global_features.vlad", "VLAD"),
 }
+REGISTRY = Registry("global model", MODELS)
 
 
 def get_model_class(name: str) -> type[GlobalModel]:
-    if name not in MODELS:
-        raise ValueError(f"unknown global model {name!r}; known models: {sorted(MODELS)}")
-    module, cls = MODELS[name]
-    return getattr(importlib.import_module(module), cls)
+    return REGISTRY.get(name)
 
 
 def build_model(conf: dict) -> GlobalModel:
     """Build the model named by ``conf['name']`` with the rest of ``conf``."""
-    if "name" not in conf:
-        raise ValueError(f"global model conf {conf!r} has no 'name'")
-    return get_model_class(conf["name"])(conf)
+    return REGISTRY.build(conf)

@@ -1,14 +1,12 @@
 """Registry of local feature extractors, selected by name plus a conf dict.
 
-One module per extractor, one subclass of :class:`LocalModel` each. Issue-3 work
-(caches, matchers, scorers) builds on this registry; the global VLAD descriptor
-uses it to pool local descriptors.
+One module per extractor, one subclass of :class:`LocalModel` each. The global
+VLAD descriptor pools their descriptors; the re-ranking stage builds on them.
 """
 
 from __future__ import annotations
 
-import importlib
-
+from ..registry import Registry
 from .base import LocalModel
 
 MODELS = {
@@ -16,16 +14,12 @@ MODELS = {
     "aliked": ("pipeline.local_features.aliked", "ALIKED"),
     "disk": ("pipeline.local_features.disk", "DISK"),
 }
+REGISTRY = Registry("local feature", MODELS)
 
 
 def get_model_class(name: str) -> type[LocalModel]:
-    if name not in MODELS:
-        raise ValueError(f"unknown local feature {name!r}; known: {sorted(MODELS)}")
-    module, cls = MODELS[name]
-    return getattr(importlib.import_module(module), cls)
+    return REGISTRY.get(name)
 
 
 def build_model(conf: dict) -> LocalModel:
-    if "name" not in conf:
-        raise ValueError(f"local feature conf {conf!r} has no 'name'")
-    return get_model_class(conf["name"])(conf)
+    return REGISTRY.build(conf)
