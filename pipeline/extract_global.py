@@ -16,7 +16,6 @@ index table). Extraction
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -343,24 +342,6 @@ def fit_global(
         state = model.fit(images())
     with atomic_path(out) as tmp:
         torch.save(state, tmp)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Extract global descriptors for one shard of one split.")
-    p.add_argument("--conf", required=True, help="global method conf as JSON")
-    p.add_argument("--root", required=True)
-    p.add_argument("--table", required=True, help="index table of the split (CSV)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=None)
-    p.add_argument("--fit-state", default=None)
-    a = p.parse_args(argv)
-    conf = json.loads(a.conf)
-    names = read_table(a.table).name.tolist()
-    if a.shard_size:
-        start, stop = shard_range(len(names), a.shard_size, a.shard)
-        names = names[start:stop]
-    run_extract(conf, a.root, names, a.out, a.fit_state)
 
 
 def run_extract(method_conf: dict, root, names, out, fit_state=None, meta=None):

@@ -7,8 +7,6 @@ query batches, so no query x database matrix is ever held in memory.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -124,23 +122,3 @@ def search(index_path, query_store, out, k: int = 100, batch_size: int = 1024, n
     )
     write_topk(out, topk)
     return topk
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Build a FAISS index, or search it.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("--out", required=True)
-    b.add_argument("--index", default="auto")
-    b.add_argument("stores", nargs="+")
-    s = sub.add_parser("search")
-    s.add_argument("--index", required=True)
-    s.add_argument("--queries", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--k", type=int, default=100)
-    s.add_argument("--meta", default="{}")
-    a = p.parse_args(argv)
-    if a.cmd == "build":
-        build_index(a.stores, a.out, a.index)
-    else:
-        search(a.index, a.queries, a.out, a.k, meta=json.loads(a.meta))

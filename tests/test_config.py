@@ -1,7 +1,6 @@
 """config.yaml: schema validation with clear errors, and the checks beyond it."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml

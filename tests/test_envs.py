@@ -23,11 +23,12 @@ def env_names(path):
 
 def test_every_dependency_in_both_envs():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pip = requirement_names(project["dependencies"] + project["optional-dependencies"]["test"])
-    for env in ("pipeline.yaml", "pipeline-gpu.yaml"):
+    extras = project["optional-dependencies"]
+    common = requirement_names(project["dependencies"] + extras["test"])
+    for env, extra, faiss in (("pipeline.yaml", "cpu", "faiss-cpu"), ("pipeline-gpu.yaml", "gpu", "faiss-gpu")):
         have = env_names(REPO / "envs" / env)
-        for name in pip:
+        for name in common:
             conda = CONDA_NAMES.get(name, name)
-            if env == "pipeline-gpu.yaml" and conda == "faiss-cpu":
-                conda = "faiss-gpu"
             assert conda in have, f"envs/{env} lacks {conda} (pyproject.toml needs {name})"
+        assert requirement_names(extras[extra])[0].startswith(faiss)
+        assert faiss in have, f"envs/{env} lacks {faiss} (pyproject.toml extra [{extra}])"

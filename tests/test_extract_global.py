@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 import pipeline.extract_global as eg
 from pipeline.datasets.index import index_dataset, read_table

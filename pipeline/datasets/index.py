@@ -23,7 +23,6 @@ listed, never silently dropped.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -208,18 +207,3 @@ def read_table(path) -> pd.DataFrame:
     if missing:
         raise DatasetError(f"{path}: not an index table, columns {missing} missing")
     return df
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", required=True, help="dataset root with database/ and queries/")
-    p.add_argument("--out", required=True, help="output folder for the tables")
-    p.add_argument("--on-bad-name", choices=["error", "skip"], default="error")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--positions", help="CSV of name + lat/lon (or east/north/zone) for non-VG names")
-    a = p.parse_args(argv)
-    print(index_dataset(a.root, a.out, a.on_bad_name, a.workers, a.positions))
-
-
-if __name__ == "__main__":
-    main()

@@ -512,7 +512,7 @@ def _make_facade(rng, length_m, conf, styles) -> Facade:
                         cv2.fillPoly(mural, [pts], col, cv2.LINE_AA)
                 img[my0:my1, mx0:mx1] = mural
         # ground floor
-        gy0, gy1 = m2y(gfloor - 0.4), m2y(0.0)
+        gy1 = m2y(0.0)
         if rng.random() < 0.5 and ww_m > 5:  # shop front
             sx0, sx1 = x0 + int(0.5 * ppm), x1 - int(0.5 * ppm)
             sign_h = rng.uniform(0.6, 1.0)
