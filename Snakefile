@@ -17,9 +17,11 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/global.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/rerank.smk"
 
 
 rule all:
     default_target: True
     input:
         all_results(),
+        [f"{RESULTS}/{d}/{m}.csv" for d in DATASETS for m in RERANK if rerank_available(d, m)],

@@ -94,6 +94,62 @@ def cmd_results(a):
     print(format_table([row], a.ns))
 
 
+def _topk_k(s: str) -> tuple[str, int]:
+    path, _, k = s.rpartition(":")
+    if not path or not k.isdigit():
+        raise argparse.ArgumentTypeError(f"expected PATH:K, got {s!r}")
+    return path, int(k)
+
+
+def _resolver(a):
+    from .rerank import NameResolver
+
+    return NameResolver(a.root, a.index_dir) if a.root else (lambda n: n)
+
+
+def cmd_extract_local(a):
+    from .io import write_json
+    from .local_store import extract_local
+    from .rerank import needed_images
+
+    resolve = _resolver(a)
+    names = needed_images(a.topk, resolve)
+    resolve.check(names)
+    info = extract_local(a.conf, a.root, names, a.base, a.device, a.num_workers)
+    write_json(a.out, info)
+
+
+def cmd_match(a):
+    from .rerank import match_topk
+
+    match_topk(a.features, a.conf, a.topk, a.k, a.out, _resolver(a), a.device)
+
+
+def cmd_score(a):
+    from .rerank import score_topk
+
+    score_topk(a.features, a.matches, a.conf, a.topk, a.k, a.out, _resolver(a), a.meta)
+
+
+def cmd_rerank_results(a):
+    from .evaluate import evaluate_topk, format_table, write_results
+    from .topk import read_topk
+
+    base, rr = read_topk(a.retrieval), read_topk(a.reranked)
+    meta = rr.meta
+    common = {"dataset": a.dataset, "threshold_m": a.threshold}
+    match_s, score_s = meta["seconds_per_query_matching"], meta["seconds_per_query_scoring"]
+    rows = [
+        {"method": meta.get("retrieval", "retrieval"), **common, **evaluate_topk(base, a.threshold, a.ns),
+         "rerank_k": 0, "rerank_s_per_query": 0.0},
+        {"method": a.method, **common, **evaluate_topk(rr, a.threshold, a.ns), "rerank_k": meta["rerank_k"],
+         "rerank_s_per_query": match_s + score_s, "match_s_per_query": match_s, "score_s_per_query": score_s,
+         "conf": a.conf},
+    ]
+    write_results(a.out, rows)
+    print(format_table(rows, a.ns))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -153,6 +209,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=None)
     s.set_defaults(func=cmd_import_topk)
 
+    s = sub.add_parser("extract-local", help="local features of the queries and their top-K candidates")
+    s.add_argument("--conf", type=_json, required=True, help="extractor conf (JSON)")
+    s.add_argument("--root", required=True)
+    s.add_argument("--index-dir", default=None, help="index tables (to find imported top-k names)")
+    s.add_argument("--topk", type=_topk_k, nargs="+", required=True, help="PATH:K top-k files and their K")
+    s.add_argument("--base", required=True, help="folder for the feature stores")
+    s.add_argument("--out", required=True, help="the store's index (JSON)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--num-workers", type=int, default=1)
+    s.set_defaults(func=cmd_extract_local)
+
+    s = sub.add_parser("match", help="match every query with its top-K candidates")
+    s.add_argument("--features", required=True, help="feature store index (JSON)")
+    s.add_argument("--conf", type=_json, required=True, help="matcher conf (JSON)")
+    s.add_argument("--topk", required=True)
+    s.add_argument("--k", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--root", default=None)
+    s.add_argument("--index-dir", default=None)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_match)
+
+    s = sub.add_parser("score", help="score matches and write the re-ranked top-k file")
+    s.add_argument("--features", required=True)
+    s.add_argument("--matches", required=True)
+    s.add_argument("--conf", type=_json, required=True, help="scorer conf (JSON)")
+    s.add_argument("--topk", required=True)
+    s.add_argument("--k", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--meta", type=_json, default={})
+    s.add_argument("--root", default=None)
+    s.add_argument("--index-dir", default=None)
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("rerank-results", help="results CSV of a re-ranking method beside its retrieval")
+    s.add_argument("--retrieval", required=True, help="the retrieval top-k file")
+    s.add_argument("--reranked", required=True, help="the re-ranked top-k file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--conf", type=_json, default={})
+    s.add_argument("--threshold", type=float, default=25.0)
+    s.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20, 100])
+    s.set_defaults(func=cmd_rerank_results)
+
     s = sub.add_parser("evaluate", help="print Recall@N of top-k files", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_evaluate)
@@ -180,7 +281,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     try:
         a.func(a)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
         logging.getLogger("pipeline").error("%s", e)
         return 1
     return 0

@@ -45,6 +45,29 @@ def check_config(config: dict) -> dict:
                     f"global_methods.{name}.import names dataset {dataset!r}, which is not under datasets: "
                     f"{sorted(config['datasets'])}"
                 )
+    from .local_features import get_model_class as local_class
+    from .matchers import get_matcher_class
+    from .scorers import REGISTRY as SCORERS
+
+    for section, get in (("local_features", local_class), ("matchers", get_matcher_class), ("scorers", SCORERS.get)):
+        for name, conf in config.get(section, {}).items():
+            cls = get(conf["name"])
+            try:
+                merge_conf({**cls.base_conf, **cls.default_conf}, conf, f"{section}.{name}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    for name, method in config.get("rerank_methods", {}).items():
+        if name in config["global_methods"]:
+            raise ConfigError(f"rerank_methods.{name}: a global method has the same name (results would collide)")
+        for key, section in (("retrieval", "global_methods"), ("features", "local_features"),
+                             ("matcher", "matchers"), ("scorer", "scorers")):
+            if method[key] not in config.get(section, {}):
+                raise ConfigError(
+                    f"rerank_methods.{name}.{key} is {method[key]!r}, which is not under {section}: "
+                    f"{sorted(config.get(section, {}))}"
+                )
+        if method["k"] > config["retrieval"]["k"]:
+            raise ConfigError(f"rerank_methods.{name}.k={method['k']} exceeds retrieval.k={config['retrieval']['k']}")
     for name, ds in config["datasets"].items():
         if ds.get("synthetic") is not None and not ds.get("root"):
             raise ConfigError(f"datasets.{name}: a synthetic dataset needs a root to be generated into")

@@ -72,7 +72,8 @@ def _decode(arr) -> np.ndarray:
     return np.array(flat, dtype=object).reshape(np.shape(arr))
 
 
-def write_topk(path, topk: TopK) -> None:
+def write_topk(path, topk: TopK, extra: dict | None = None) -> None:
+    """Write ``topk`` atomically; ``extra`` adds datasets (e.g. re-ranking scores)."""
     str_dt = h5py.string_dtype()
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -80,6 +81,8 @@ def write_topk(path, topk: TopK) -> None:
             f.create_dataset(KEYS[1], data=topk.candidate_names.astype(str_dt), dtype=str_dt)
             f.create_dataset(KEYS[2], data=topk.candidate_index)
             f.create_dataset(KEYS[3], data=topk.distances)
+            for key, value in (extra or {}).items():
+                f.create_dataset(key, data=value)
             f.attrs["meta"] = json.dumps(topk.meta, default=str)
 
 

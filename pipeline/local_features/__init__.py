@@ -13,6 +13,9 @@ MODELS = {
     "sift": ("pipeline.local_features.sift", "SIFT"),
     "aliked": ("pipeline.local_features.aliked", "ALIKED"),
     "disk": ("pipeline.local_features.disk", "DISK"),
+    "r2d2": ("pipeline.local_features.r2d2", "R2D2"),
+    "superpoint": ("pipeline.local_features.superpoint", "SuperPoint"),
+    "xfeat": ("pipeline.local_features.xfeat", "XFeat"),
 }
 REGISTRY = Registry("local feature", MODELS)
 

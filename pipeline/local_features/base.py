@@ -32,7 +32,7 @@ class LocalModel(nn.Module):
     """
 
     default_conf: dict[str, Any] = {}
-    base_conf: dict[str, Any] = {"name": None, "max_keypoints": 1024}
+    base_conf: dict[str, Any] = {"name": None, "max_keypoints": 1024, "resize": None}
 
     def __init__(self, conf: dict | None = None):
         super().__init__()

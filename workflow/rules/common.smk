@@ -46,8 +46,8 @@ def method_json(method):
 
 
 def rebuild_if_inputs_missing(output, inputs):
-    """``inputs`` plus ``<output>.stamp``, a marker that is made newer than ``output``
-    when one of ``inputs`` was deleted.
+    """``inputs`` plus ``<work_dir>/stamps/<output>.stamp``, a marker that gets new
+    content when one of ``inputs`` was deleted while ``output`` exists.
 
     Snakemake does not re-run a job whose output exists just because an
     intermediate input is gone. Deleting, say, one database shard should re-run
@@ -56,7 +56,7 @@ def rebuild_if_inputs_missing(output, inputs):
     is always an input, so the set of inputs Snakemake records never changes.
     """
     inputs = list(inputs)
-    stamp = f"{output}.stamp"
+    stamp = f"{WORK}/stamps/{output}.stamp"
     if os.path.exists(output) and os.path.exists(stamp) and not all(os.path.exists(p) for p in inputs):
         # new content, not just a new mtime: Snakemake ignores touched files whose checksum is unchanged
         missing = [p for p in inputs if not os.path.exists(p)]
@@ -88,6 +88,6 @@ def all_results():
 rule stamp:
     """The marker of rebuild_if_inputs_missing."""
     output:
-        "{path}.stamp",
+        f"{WORK}/stamps/{{path}}.stamp",
     shell:
         "touch {output:q}"

@@ -1,0 +1,128 @@
+"""Re-ranking time: this pipeline against the naive approach, in one run on the same data.
+
+- naive (the thesis's reference code): for every query, extract the query and
+  all its K candidates, match, score;
+- ours: extract each needed image once (queries + union of candidates) into the
+  feature store, then match and score every pair from the store.
+
+Both produce the same re-ranked lists (checked), so the ratio is pure overhead.
+
+    python benchmarks/rerank_time.py                 # synthetic demo set, VLAD-SIFT retrieval, SIFT+MNN+RANSAC
+    python benchmarks/rerank_time.py --queries 20 --k 10 --features aliked
+
+The synthetic dataset and its retrieval are built in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.datasets.index import index_dataset, read_table  # noqa: E402
+from pipeline.datasets.synthetic import generate  # noqa: E402
+from pipeline.extract_global import extract_global, fit_global  # noqa: E402
+from pipeline.images import load_tensor  # noqa: E402
+from pipeline.io import write_json  # noqa: E402
+from pipeline.local_features import build_model  # noqa: E402
+from pipeline.local_store import extract_local  # noqa: E402
+from pipeline.matchers import build_matcher  # noqa: E402
+from pipeline.rerank import match_topk, needed_images, score_topk  # noqa: E402
+from pipeline.retrieval import build_index, search  # noqa: E402
+from pipeline.scorers import build_scorer  # noqa: E402
+from pipeline.topk import TopK, read_topk, write_topk  # noqa: E402
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
+FEATURES = {
+    "sift": ({"name": "sift", "max_keypoints": 2048}, {"name": "mnn", "ratio": 0.9}),
+    "aliked": ({"name": "aliked", "weights": str(WEIGHTS / "aliked-n16.pth"), "max_keypoints": 1024},
+               {"name": "lightglue", "features": "aliked", "weights": str(WEIGHTS / "aliked_lightglue.pth")}),
+}
+SCORER = {"name": "ransac", "threshold": 24.0, "max_iters": 2000}
+
+
+def retrieval(tmp: Path, root: Path, k: int, n_queries: int) -> Path:
+    index_dataset(root, tmp / "index")
+    model = {"name": "vlad", "local": {"name": "sift", "max_keypoints": 1000}, "n_clusters": 64, "dim": 128,
+             "fit_images": 400}
+    fit_global(model, root, tmp / "index" / "database.csv", tmp / "fit.pt", device="cpu")
+    for split in ("database", "queries"):
+        names = read_table(tmp / "index" / f"{split}.csv").name.tolist()
+        extract_global(model, root, names, tmp / f"{split}.zarr", fit_state=tmp / "fit.pt", device="cpu")
+    build_index([tmp / "database.zarr"], tmp / "faiss.index")
+    t = search(tmp / "faiss.index", tmp / "queries.zarr", tmp / "full.h5", k=k)
+    sub = TopK(t.query_names[:n_queries], t.candidate_names[:n_queries], t.candidate_index[:n_queries],
+               t.distances[:n_queries])
+    write_topk(tmp / "topk.h5", sub)
+    return tmp / "topk.h5"
+
+
+def naive(root: Path, topk: TopK, k: int, ext_conf: dict, match_conf: dict) -> np.ndarray:
+    extractor, matcher, scorer = build_model(ext_conf), build_matcher(match_conf), build_scorer(SCORER)
+
+    def describe(name):
+        img = load_tensor(root / name, ext_conf.get("resize"))
+        f = extractor(img)
+        f["image_size"] = torch.tensor([img.shape[2], img.shape[1]])
+        return f
+
+    order = np.zeros((len(topk), k), np.int64)
+    for qi, qname in enumerate(topk.query_names):
+        fq = describe(qname)
+        scores = []
+        for cname in topk.candidate_names[qi, :k]:
+            fc = describe(cname)
+            m = matcher(fq, fc)["matches"].numpy()
+            scores.append(scorer.score_pair(fq["keypoints"].numpy(), fc["keypoints"].numpy(), m, {}, {})[0])
+        order[qi] = np.argsort(-np.asarray(scores), kind="stable")
+    return order
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--queries", type=int, default=30)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--features", choices=sorted(FEATURES), default="sift")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ext_conf, match_conf = FEATURES[a.features]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = tmp / "demo"
+        generate(root, {"seed": 0})
+        topk_path = retrieval(tmp, root, a.k, a.queries)
+        topk = read_topk(topk_path)
+
+        t0 = time.perf_counter()
+        names = needed_images([(topk_path, a.k)])
+        write_json(tmp / "feat.json", extract_local(ext_conf, root, names, tmp / "local", device="cpu"))
+        match_topk(tmp / "feat.json", match_conf, topk_path, a.k, tmp / "m.h5", device="cpu")
+        ours = score_topk(tmp / "feat.json", tmp / "m.h5", SCORER, topk_path, a.k, tmp / "rr.h5")
+        ours_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        order = naive(root, topk, a.k, ext_conf, match_conf)
+        naive_s = time.perf_counter() - t0
+
+    naive_names = np.take_along_axis(topk.candidate_names[:, : a.k], order, 1)
+    same = float(np.mean(naive_names[:, 0] == ours.candidate_names[:, 0]))
+    print(json.dumps({
+        "features": a.features, "queries": len(topk), "k": a.k, "images_extracted_ours": len(names),
+        "images_extracted_naive": len(topk) * (a.k + 1), "ours_s": round(ours_s, 2), "naive_s": round(naive_s, 2),
+        "ours_s_per_query": round(ours_s / len(topk), 3), "naive_s_per_query": round(naive_s / len(topk), 3),
+        "speedup_naive_over_ours": round(naive_s / ours_s, 2), "same_top1": same,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

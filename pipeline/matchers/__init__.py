@@ -1,0 +1,22 @@
+"""Registry of matchers (pairs of local feature sets -> correspondences)."""
+
+from __future__ import annotations
+
+from ..registry import Registry
+from .base import Matcher
+
+MODELS = {
+    "mnn": ("pipeline.matchers.mnn", "MutualNearestNeighbor"),
+    "lightglue": ("pipeline.matchers.lightglue", "LightGlue"),
+    "lighterglue": ("pipeline.matchers.lighterglue", "LighterGlue"),
+    "superglue": ("pipeline.matchers.superglue", "SuperGlue"),
+}
+REGISTRY = Registry("matcher", MODELS)
+
+
+def get_matcher_class(name: str) -> type[Matcher]:
+    return REGISTRY.get(name)
+
+
+def build_matcher(conf: dict) -> Matcher:
+    return REGISTRY.build(conf)

@@ -1,0 +1,82 @@
+"""Scorers: RANSAC inliers (seeded), multi-scale combination, Rapid Spatial Scoring."""
+
+import numpy as np
+import pytest
+
+from pipeline.scorers import build_scorer
+from pipeline.scorers.ransac import zscore_weighted
+
+
+def homography_pairs(n_in=40, n_out=15, seed=0):
+    rng = np.random.default_rng(seed)
+    kq = rng.random((n_in + n_out, 2)) * [640, 480]
+    H = np.array([[1.05, 0.04, 12.0], [-0.03, 0.97, -8.0], [1e-5, 2e-5, 1.0]])
+    p = np.c_[kq, np.ones(len(kq))] @ H.T
+    kc = p[:, :2] / p[:, 2:]
+    kc[n_in:] = rng.random((n_out, 2)) * [640, 480]  # outliers: random positions
+    return kq, kc, np.c_[np.arange(len(kq)), np.arange(len(kq))]
+
+
+def test_ransac_counts_the_homography_inliers():
+    kq, kc, m = homography_pairs()
+    s = build_scorer({"name": "ransac", "threshold": 4.0})
+    score = s.score_pair(kq, kc, m, {}, {})[0]
+    assert 40 <= score <= 42  # the 40 inliers, maybe an outlier that falls within 4 px by chance
+    magsac = build_scorer({"name": "ransac", "method": "magsac", "threshold": 4.0}).score_pair(kq, kc, m, {}, {})[0]
+    assert 38 <= magsac <= 42
+
+
+def test_ransac_is_seeded():
+    kq, kc, m = homography_pairs(n_in=12, n_out=40, seed=3)
+    s = build_scorer({"name": "ransac", "threshold": 24.0, "max_iters": 50})
+    runs = {float(s.score_pair(kq, kc, m, {}, {})[0]) for _ in range(5)}
+    assert len(runs) == 1
+
+
+def test_ransac_needs_four_matches():
+    kq, kc, m = homography_pairs()
+    assert build_scorer({"name": "ransac"}).score_pair(kq, kc, m[:3], {}, {})[0] == 0
+    with pytest.raises(ValueError, match="unknown method"):
+        build_scorer({"name": "ransac", "method": "prosac2"})
+
+
+def test_match_count():
+    kq, kc, m = homography_pairs()
+    assert build_scorer({"name": "match_count"}).score_pair(kq, kc, m, {}, {})[0] == len(m)
+
+
+def test_zscore_weighted_by_hand():
+    raw = np.array([[1.0, 10.0], [3.0, 10.0], [2.0, 40.0]])
+    z0 = (raw[:, 0] - 2.0) / np.std(raw[:, 0])
+    z1 = (raw[:, 1] - 20.0) / np.std(raw[:, 1])
+    np.testing.assert_allclose(zscore_weighted(raw, [0.45, 0.15]), 0.45 * z0 + 0.15 * z1)
+    with pytest.raises(ValueError, match="2 levels but 1 weights"):
+        zscore_weighted(raw, [1.0])
+
+
+def test_multiscale_ransac_per_level():
+    kq, kc, m = homography_pairs(n_in=40, n_out=0)
+    levels = np.r_[np.zeros(20, np.int16), np.ones(20, np.int16)]
+    feats = {"levels": levels}
+    s = build_scorer({"name": "multiscale_ransac", "weights": [0.5, 0.5], "thresholds": [4.0, 4.0]})
+    raw = s.score_pair(kq, kc, m, feats, feats)
+    np.testing.assert_allclose(raw, [1.0, 1.0])  # all 20 of each level are inliers, / 20 query features
+    # cross-level matches are ignored
+    cross = np.c_[np.arange(20), np.arange(20, 40)]
+    np.testing.assert_allclose(s.score_pair(kq, kc, cross, feats, feats), [0.0, 0.0])
+
+
+def test_rapid_spatial_scoring_prefers_a_consistent_shift():
+    rng = np.random.default_rng(0)
+    kq = rng.integers(0, 20, (60, 2)).astype(float) * 16
+    m = np.c_[np.arange(60), np.arange(60)]
+    shifted = kq + [32.0, 16.0]  # all matches agree on one displacement
+    scrambled = rng.permutation(kq)
+    s = build_scorer({"name": "rapid_spatial", "cell_size": 16})
+    good = s.score_pair(kq, shifted, m, {}, {})[0]
+    bad = s.score_pair(kq, scrambled, m, {}, {})[0]
+    # a perfect shift scores the maximum: (x_max^2 + y_max^2) per match
+    x_max, y_max = (kq / 16).max(0)
+    assert good == pytest.approx(x_max**2 + y_max**2)
+    assert bad < 0.8 * good
+    assert s.finalize(np.array([[good], [bad]]))[0] > 0

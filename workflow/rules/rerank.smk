@@ -1,0 +1,146 @@
+# Stage 2: local features (once per dataset and extractor) -> matches (once per
+# retrieval + features + matcher) -> scores and re-ranked lists (per method) -> results.
+
+RERANK = config["rerank_methods"]
+LOCAL = config["local_features"]
+MATCHERS = config["matchers"]
+
+
+def rerank_available(dataset, method):
+    return bool(DATASETS[dataset].get("root")) and available(dataset, RERANK[method]["retrieval"])
+
+
+def topk_file(dataset, gmethod):
+    return f"{WORK}/{dataset}/topk/{gmethod}.h5"
+
+
+def features_users(dataset, features):
+    """(top-k file, K) of every re-ranking method that needs these features on this dataset."""
+    pairs = {}
+    for m, c in RERANK.items():
+        if c["features"] == features and rerank_available(dataset, m):
+            path = topk_file(dataset, c["retrieval"])
+            pairs[path] = max(pairs.get(path, 0), c["k"])
+    return sorted(pairs.items())
+
+
+def match_k(retrieval, features, matcher):
+    """The largest K of the methods that share these matches."""
+    return max(c["k"] for c in RERANK.values()
+               if (c["retrieval"], c["features"], c["matcher"]) == (retrieval, features, matcher))
+
+
+def resolver_args(wildcards):
+    return f"--root {shlex.quote(DATASETS[wildcards.dataset]['root'])} --index-dir {shlex.quote(f'{WORK}/{wildcards.dataset}/index')}"
+
+
+rule extract_local:
+    """Local features of the queries and the union of their top-K candidates (each image once)."""
+    input:
+        topk=lambda w: [p for p, _ in features_users(w.dataset, w.features)],
+        index=f"{WORK}/{{dataset}}/index/summary.json",
+    output:
+        f"{WORK}/{{dataset}}/local/{{features}}.json",
+    wildcard_constraints:
+        features=alternation(LOCAL),
+    params:
+        conf=lambda w: json.dumps(LOCAL[w.features], sort_keys=True),
+        topk=lambda w: " ".join(shlex.quote(f"{p}:{k}") for p, k in features_users(w.dataset, w.features)),
+        base=lambda w: f"{WORK}/{w.dataset}/local",
+        resolver=resolver_args,
+    log:
+        f"{WORK}/logs/local_{{dataset}}_{{features}}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} --threads {threads} extract-local --conf {params.conf:q} {params.resolver} --topk {params.topk}"
+        " --base {params.base:q} --out {output:q} 2> {log:q}"
+
+
+rule match:
+    """Matches of every query with its top-K candidates, for one extractor and matcher."""
+    input:
+        features=f"{WORK}/{{dataset}}/local/{{features}}.json",
+        topk=f"{WORK}/{{dataset}}/topk/{{retrieval}}.h5",
+    output:
+        f"{WORK}/{{dataset}}/matches/{{retrieval}}/{{features}}+{{matcher}}.h5",
+    wildcard_constraints:
+        retrieval=alternation(GMETHODS),
+        features=alternation(LOCAL),
+        matcher=alternation(MATCHERS),
+    params:
+        conf=lambda w: json.dumps(MATCHERS[w.matcher], sort_keys=True),
+        k=lambda w: match_k(w.retrieval, w.features, w.matcher),
+        resolver=resolver_args,
+    log:
+        f"{WORK}/logs/match_{{dataset}}_{{retrieval}}_{{features}}+{{matcher}}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} --threads {threads} match --features {input.features:q} --conf {params.conf:q} --topk {input.topk:q}"
+        " --k {params.k} --out {output:q} {params.resolver} 2> {log:q}"
+
+
+def score_inputs(w):
+    c = RERANK[w.method]
+    return {
+        "features": f"{WORK}/{w.dataset}/local/{c['features']}.json",
+        "matches": f"{WORK}/{w.dataset}/matches/{c['retrieval']}/{c['features']}+{c['matcher']}.h5",
+        "topk": topk_file(w.dataset, c["retrieval"]),
+    }
+
+
+rule score:
+    """Scores of each method's matches, and the re-ranked top-k lists."""
+    input:
+        unpack(score_inputs),
+    output:
+        f"{WORK}/{{dataset}}/rerank/{{method}}.h5",
+    wildcard_constraints:
+        method=alternation(RERANK),
+    params:
+        conf=lambda w: json.dumps(config["scorers"][RERANK[w.method]["scorer"]], sort_keys=True),
+        k=lambda w: RERANK[w.method]["k"],
+        meta=lambda w: json.dumps({"method": w.method, "retrieval": RERANK[w.method]["retrieval"], "dataset": w.dataset}),
+        resolver=resolver_args,
+    log:
+        f"{WORK}/logs/score_{{dataset}}_{{method}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} score --features {input.features:q} --matches {input.matches:q} --conf {params.conf:q}"
+        " --topk {input.topk:q} --k {params.k} --out {output:q} --meta {params.meta:q} {params.resolver} 2> {log:q}"
+
+
+rule rerank_results:
+    """results/{dataset}/{method}.csv: the re-ranked recalls beside the retrieval baseline."""
+    input:
+        reranked=f"{WORK}/{{dataset}}/rerank/{{method}}.h5",
+        retrieval=lambda w: topk_file(w.dataset, RERANK[w.method]["retrieval"]),
+    output:
+        f"{RESULTS}/{{dataset}}/{{method}}.csv",
+    wildcard_constraints:
+        method=alternation(RERANK),
+    params:
+        threshold=config["evaluation"]["threshold_m"],
+        ns=" ".join(map(str, config["evaluation"]["recall_at"])),
+        conf=lambda w: json.dumps({
+            "method": RERANK[w.method],
+            "features": LOCAL[RERANK[w.method]["features"]],
+            "matcher": MATCHERS[RERANK[w.method]["matcher"]],
+            "scorer": config["scorers"][RERANK[w.method]["scorer"]],
+        }, sort_keys=True),
+    log:
+        f"{WORK}/logs/rerank_results_{{dataset}}_{{method}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} rerank-results --retrieval {input.retrieval:q} --reranked {input.reranked:q} --out {output:q}"
+        " --dataset {wildcards.dataset} --method {wildcards.method} --conf {params.conf:q}"
+        " --threshold {params.threshold} --ns {params.ns} 2> {log:q}"
