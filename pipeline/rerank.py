@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import h5py
@@ -35,6 +36,7 @@ from .topk import TopK, read_topk, write_topk
 logger = logging.getLogger(__name__)
 
 BLOCK = 16  # queries per resumable block of matching
+CACHE = 512  # images whose features stay on the device while matching (neighbouring queries share candidates)
 
 
 class NameResolver:
@@ -118,6 +120,19 @@ def match_topk(features: str | Path, matcher_conf: dict, topk_path, k: int, out,
     done = {int(p.stem.split("_")[1]) for p in parts.glob("block_*.npz")}
     logger.info("matching %d queries x %d candidates (%d blocks, %d done)", n_q, k, len(blocks), len(done))
     bar = tqdm(total=n_q, desc=f"match {matcher_conf['name']}", mininterval=2, unit="query")
+    cache: OrderedDict[str, dict | None] = OrderedDict()
+
+    def feats(name):
+        """Features on the device, read from the store once while they stay in the cache."""
+        if name in cache:
+            cache.move_to_end(name)
+            return cache[name]
+        d = store.get(name)
+        cache[name] = _torch_feats(d, dev) if d is not None else None
+        if len(cache) > CACHE:
+            cache.popitem(last=False)
+        return cache[name]
+
     for start in blocks:
         if start in done:
             bar.update(min(BLOCK, n_q - start))
@@ -125,14 +140,13 @@ def match_topk(features: str | Path, matcher_conf: dict, topk_path, k: int, out,
         matches, scores, counts, seconds = [], [], [], []
         for qi in range(start, min(n_q, start + BLOCK)):
             t0 = time.perf_counter()
-            q = store.get(qnames[qi])
-            fq = _torch_feats(q, dev) if q is not None else None
+            fq = feats(qnames[qi])
             for name in cnames[qi]:
-                c = store.get(name)
-                if fq is None or c is None:  # an unreadable image matches nothing
+                fc = feats(name)
+                if fq is None or fc is None:  # an unreadable image matches nothing
                     m = {"matches": torch.zeros((0, 2), dtype=torch.int64), "scores": torch.zeros(0)}
                 else:
-                    m = matcher(fq, _torch_feats(c, dev))
+                    m = matcher(fq, fc)
                 matches.append(m["matches"].cpu().numpy().astype(np.int32))
                 scores.append(m["scores"].cpu().numpy().astype(np.float16))
                 counts.append(len(m["matches"]))

@@ -131,27 +131,31 @@ def test_matching_resumes_after_interruption(prepared, monkeypatch):
     monkeypatch.setattr(rr, "BLOCK", 1)
     names = rr.needed_images([(tmp / "topk.h5", 4)])
     write_json(tmp / "feat.json", extract_local(SIFT, root, names, tmp / "local", device="cpu"))
-    calls = {"n": 0}
-    real = rr._torch_feats
+    calls = {"n": 0, "crash_at": 10}  # queries 0 and 1 (4 pairs each) done, query 2 under way
+    real_build = rr.build_matcher
 
-    def crash(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 12:  # query 0 (5 images) and 1 done, query 2 under way
-            raise KeyboardInterrupt
-        return real(*a, **k)
+    def counting_build(conf):
+        matcher = real_build(conf)
 
-    monkeypatch.setattr(rr, "_torch_feats", crash)
+        def match(f0, f1):
+            calls["n"] += 1
+            if calls["n"] == calls["crash_at"]:
+                raise KeyboardInterrupt
+            return type(matcher).forward(matcher, f0, f1)
+
+        matcher.forward = match
+        return matcher
+
+    monkeypatch.setattr(rr, "build_matcher", counting_build)
     with pytest.raises(KeyboardInterrupt):
         rr.match_topk(tmp / "feat.json", {"name": "mnn"}, tmp / "topk.h5", 4, tmp / "m.h5", device="cpu")
     assert not (tmp / "m.h5").exists() and len(list((tmp / "m.h5.parts").glob("block_*"))) == 2
-    monkeypatch.setattr(rr, "_torch_feats", real)
-    calls["n"] = 0
-    counting = lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), real(*a, **k))[1]  # noqa: E731
-    monkeypatch.setattr(rr, "_torch_feats", counting)
+    calls.update(n=0, crash_at=-1)
     rr.match_topk(tmp / "feat.json", {"name": "mnn"}, tmp / "topk.h5", 4, tmp / "m.h5", device="cpu")
-    assert calls["n"] == 2 * 5  # only the two unfinished queries were matched
+    assert calls["n"] == 2 * 4  # only the two unfinished queries were matched
     m = rr.Matches(tmp / "m.h5")
     assert m.info["n_queries"] == 4 and len(m.offsets) == 4 * 4 + 1
+    assert not (tmp / "m.h5.parts").exists()
 
 
 def test_unreadable_candidate_scores_zero(prepared):

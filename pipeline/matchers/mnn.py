@@ -18,7 +18,7 @@ class MutualNearestNeighbor(Matcher):
         dist = torch.cdist(d0, d1)
         nn01 = dist.argmin(1)
         nn10 = dist.argmin(0)
-        idx0 = torch.arange(len(d0))
+        idx0 = torch.arange(len(d0), device=d0.device)
         keep = nn10[nn01] == idx0
         best = dist[idx0, nn01]
         if self.conf["ratio"] is not None and dist.shape[1] > 1:
