@@ -126,16 +126,14 @@ def main():
         t1 = time.perf_counter()
         match_topk(tmp / "feat.json", match_conf, topk_path, a.k, tmp / "m.h5", device=a.device)
         t2 = time.perf_counter()
-        for i, scorer in enumerate(VARIANTS[: a.scorers]):
-            out = score_topk(tmp / "feat.json", tmp / "m.h5", scorer, topk_path, a.k, tmp / f"rr{i}.h5")
-            ours = out if i == 0 else ours
+        ours = [score_topk(tmp / "feat.json", tmp / "m.h5", scorer, topk_path, a.k, tmp / f"rr{i}.h5")
+                for i, scorer in enumerate(VARIANTS[: a.scorers])][0]
         ours_s = time.perf_counter() - t0
         stages = {"extract_s": round(t1 - t0, 2), "match_s": round(t2 - t1, 2), "score_s": round(ours_s - t2 + t0, 2)}
 
         t0 = time.perf_counter()
-        for i, scorer in enumerate(VARIANTS[: a.scorers]):
-            o = naive(root, topk, a.k, ext_conf, match_conf, a.device, scorer)
-            order = o if i == 0 else order
+        order = [naive(root, topk, a.k, ext_conf, match_conf, a.device, scorer)
+                 for scorer in VARIANTS[: a.scorers]][0]
         naive_s = time.perf_counter() - t0
 
     naive_names = np.take_along_axis(topk.candidate_names[:, : a.k], order, 1)

@@ -1,6 +1,5 @@
 """Re-ranking: real-pair inliers, features extracted once, matching resume, re-ordering."""
 
-import json
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from pipeline.matchers import build_matcher
 from pipeline.scorers import build_scorer
 from pipeline.topk import TopK, read_topk, write_topk
 
-from .conftest import SHARED, WEIGHTS, make_dataset, need_shared
+from .conftest import SHARED, WEIGHTS, need_shared
 
 PAIRS = SHARED / "fixtures" / "pairs"
 
