@@ -73,3 +73,14 @@ def test_snakemake_refuses_bad_config(tmp_path):
     )
     assert r.returncode != 0
     assert "'many' is not of type 'integer'" in r.stdout + r.stderr
+
+
+def test_commented_examples_in_config_are_valid():
+    """The commented-out entries users are told to enable must validate too."""
+    import re
+
+    text = (REPO / "config.yaml").read_text()
+    enabled = re.sub(r"\n  # (\w+: \{)", r"\n  \1", text).replace("/path/to/", "")
+    c = yaml.safe_load(enabled)
+    assert "r2d2_ransac" in c["rerank_methods"] and "superglue" in c["matchers"]
+    check_config(validate_schema(c))
