@@ -60,6 +60,16 @@ def test_each_image_extracted_once(project):
     assert info["extracted_this_run"] == len(needed) == len(info["images"])
 
 
+def test_deleting_matches_rebuilds_them_and_what_follows(project):
+    wd, _ = project
+    (wd / "work" / "syn" / "matches" / "vlad_sift" / "sift+mnn_ratio.h5").unlink()
+    code, out = snakemake(wd, "-n")
+    assert code == 0, out
+    assert job_counts(out) == {"match": 1, "score": 2, "rerank_results": 2}, out
+    code, out = snakemake(wd)
+    assert code == 0, out
+
+
 def test_scorer_change_reruns_only_scoring(project):
     wd, _ = project
     assert "Nothing to be done" in snakemake(wd, "-n")[1]

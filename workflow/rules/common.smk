@@ -65,6 +65,11 @@ def rebuild_if_inputs_missing(output, inputs):
     return inputs + [stamp]
 
 
+def named_with_stamp(output, named):
+    """``named`` inputs (a dict for unpack()) plus the stamp of rebuild_if_inputs_missing."""
+    return {**named, "stamp": rebuild_if_inputs_missing(output, named.values())[-1]}
+
+
 def database_shards(wildcards):
     """All database shard stores of a dataset/method (known once the index exists)."""
     table = checkpoints.index_dataset.get(dataset=wildcards.dataset).output.database

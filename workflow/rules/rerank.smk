@@ -60,11 +60,17 @@ rule extract_local:
         " --base {params.base:q} --out {output:q} 2> {log:q}"
 
 
+def match_inputs(w):
+    return named_with_stamp(
+        f"{WORK}/{w.dataset}/matches/{w.retrieval}/{w.features}+{w.matcher}.h5",
+        {"features": f"{WORK}/{w.dataset}/local/{w.features}.json", "topk": topk_file(w.dataset, w.retrieval)},
+    )
+
+
 rule match:
     """Matches of every query with its top-K candidates, for one extractor and matcher."""
     input:
-        features=f"{WORK}/{{dataset}}/local/{{features}}.json",
-        topk=f"{WORK}/{{dataset}}/topk/{{retrieval}}.h5",
+        unpack(match_inputs),
     output:
         f"{WORK}/{{dataset}}/matches/{{retrieval}}/{{features}}+{{matcher}}.h5",
     wildcard_constraints:
@@ -89,11 +95,11 @@ rule match:
 
 def score_inputs(w):
     c = RERANK[w.method]
-    return {
+    return named_with_stamp(f"{WORK}/{w.dataset}/rerank/{w.method}.h5", {
         "features": f"{WORK}/{w.dataset}/local/{c['features']}.json",
         "matches": f"{WORK}/{w.dataset}/matches/{c['retrieval']}/{c['features']}+{c['matcher']}.h5",
         "topk": topk_file(w.dataset, c["retrieval"]),
-    }
+    })
 
 
 rule score:
@@ -118,11 +124,17 @@ rule score:
         " --topk {input.topk:q} --k {params.k} --out {output:q} --meta {params.meta:q} {params.resolver} 2> {log:q}"
 
 
+def rerank_results_inputs(w):
+    return named_with_stamp(f"{RESULTS}/{w.dataset}/{w.method}.csv", {
+        "reranked": f"{WORK}/{w.dataset}/rerank/{w.method}.h5",
+        "retrieval": topk_file(w.dataset, RERANK[w.method]["retrieval"]),
+    })
+
+
 rule rerank_results:
     """results/{dataset}/{method}.csv: the re-ranked recalls beside the retrieval baseline."""
     input:
-        reranked=f"{WORK}/{{dataset}}/rerank/{{method}}.h5",
-        retrieval=lambda w: topk_file(w.dataset, RERANK[w.method]["retrieval"]),
+        unpack(rerank_results_inputs),
     output:
         f"{RESULTS}/{{dataset}}/{{method}}.csv",
     wildcard_constraints:
