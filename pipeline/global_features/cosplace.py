@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-from collections.abc import Mapping
 
 import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from ..checkpoints import load_into, read_state_dict
 from .base import GlobalModel
 
 logger = logging.getLogger(__name__)
@@ -42,9 +41,6 @@ BACKBONE_CHANNELS = {
     "EfficientNet_B7": 2560,
 }
 _CANONICAL = {name.lower(): name for name in BACKBONE_CHANNELS}
-
-#: wrapper keys under which training scripts store the model weights, in lookup order
-_WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 
 
 def canonical_backbone(name: str) -> str:
@@ -105,63 +101,6 @@ class Flatten(nn.Module):
         return x[:, :, 0, 0]
 
 
-def _short(keys, n: int = 5) -> str:
-    keys = list(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(map(str, keys[:n])) + more
-
-
-def _read_checkpoint(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # the file pickles more than tensors (e.g. an argparse.Namespace of a training run)
-        logger.warning(
-            "CosPlace checkpoint %s holds objects that weights_only=True refuses; "
-            "retrying with weights_only=False - only do this for files you trust",
-            path,
-        )
-    except Exception as err:
-        raise ValueError(f"CosPlace checkpoint {path}: cannot be read: {err}") from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"CosPlace checkpoint {path}: cannot be read: {err}") from err
-
-
-def _extract_state_dict(obj, path: str) -> tuple[dict, str]:
-    """Find the model's state dict inside whatever was saved; return it and a layout name."""
-    layout = []
-    while True:
-        if isinstance(obj, nn.Module):
-            layout.append("nn.Module")
-            obj = obj.state_dict()
-            break
-        if not isinstance(obj, Mapping):
-            raise ValueError(
-                f"CosPlace checkpoint {path}: expected a state dict (mapping of tensors), "
-                f"got {type(obj).__name__}"
-            )
-        wrapper = next(
-            (k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], (Mapping, nn.Module))),
-            None,
-        )
-        if wrapper is None:
-            break
-        layout.append(f"{{'{wrapper}': ...}}")
-        obj = obj[wrapper]
-    state = dict(obj)
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(
-            f"CosPlace checkpoint {path}: not a state dict, non-tensor entries: {_short(bad)}"
-        )
-    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-        layout.append("'module.' prefix (DataParallel)")
-    return state, " -> ".join(layout) if layout else "plain state_dict"
-
-
 def load_cosplace_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     """Load CosPlace weights from ``path`` into ``model``; return the layout found.
 
@@ -170,35 +109,10 @@ def load_cosplace_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     and ``module.``-prefixed keys. Key or shape mismatches raise :class:`ValueError`
     naming the file and the offending keys.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CosPlace checkpoint not found: {path}")
-    state, layout = _extract_state_dict(_read_checkpoint(path), path)
-    logger.info("CosPlace checkpoint %s: layout %s, %d tensors", path, layout, len(state))
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-    if wrong_shape:
-        problems.append(f"shape mismatches ({len(wrong_shape)}): {_short(wrong_shape, 3)}")
-    if problems:
-        conf = getattr(model, "conf", {})
-        raise ValueError(
-            f"CosPlace checkpoint {path} (layout {layout}) does not match the model "
-            f"(backbone={conf.get('backbone')}, fc_output_dim={conf.get('fc_output_dim')}): "
-            + "; ".join(problems)
-        )
-    model.load_state_dict(state, strict=True)
+    state, layout = read_state_dict(path, "CosPlace checkpoint")
+    conf = getattr(model, "conf", {})
+    load_into(model, state, os.fspath(path), "CosPlace checkpoint", layout,
+              f"backbone={conf.get('backbone')}, fc_output_dim={conf.get('fc_output_dim')}")
     return layout
 
 

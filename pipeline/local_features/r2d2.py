@@ -37,12 +37,12 @@ its own size only.
 from __future__ import annotations
 
 import ast
-from collections import OrderedDict
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..checkpoints import load_into, read_file, unwrap
 from .base import LocalModel, weights_file
 
 #: upstream's ``tools/dataloader.py`` normalisation (ImageNet statistics)
@@ -133,32 +133,12 @@ class R2D2(LocalModel):
     def load_checkpoint(self, path) -> None:
         """Load upstream's ``{'net': ..., 'state_dict': ...}`` file or a plain state dict
         (``module.`` prefixes stripped); a mismatch raises ValueError naming ``path``."""
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # not a torch file, or pickled objects beyond tensors
-            raise ValueError(f"{path}: cannot load as an R2D2 checkpoint ({e})") from None
-        if isinstance(ckpt, dict) and "state_dict" in ckpt:
-            if "net" in ckpt:
-                check_net_string(ckpt["net"], path)
-            ckpt = ckpt["state_dict"]
-        if not isinstance(ckpt, dict):
-            raise ValueError(f"{path}: not an R2D2 checkpoint (a {type(ckpt).__name__}, not a state dict)")
-        state = OrderedDict((k.removeprefix("module."), v) for k, v in ckpt.items())
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: not an R2D2 {NET_NAME} checkpoint: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-            )
-        shapes = [
-            f"{k} {tuple(getattr(v, 'shape', ()))} (expected {tuple(own[k].shape)})"
-            for k, v in state.items()
-            if not torch.is_tensor(v) or v.shape != own[k].shape
-        ]
-        if shapes:
-            raise ValueError(f"{path}: not an R2D2 {NET_NAME} checkpoint: wrong shapes {shapes[:5]}")
-        self.load_state_dict(state)
+        path = str(path)
+        ckpt = read_file(path, "R2D2 checkpoint")
+        if isinstance(ckpt, dict) and "net" in ckpt:
+            check_net_string(ckpt["net"], path)
+        state, layout = unwrap(ckpt, path, "R2D2 checkpoint", wrapper_keys=("state_dict",))
+        load_into(self, state, path, "R2D2 checkpoint", layout, NET_NAME)
 
     def layers(self) -> list[list]:
         """``(conv, batchnorm or None, relu)`` per convolution of ``ops``."""

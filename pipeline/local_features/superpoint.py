@@ -28,13 +28,12 @@ demos), computed in float on the [0, 1] image without rounding to 8 bits.
 
 from __future__ import annotations
 
-import pickle
-from collections import OrderedDict
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..checkpoints import load_into, read_file, unwrap
 from .base import LocalModel, weights_file
 
 #: RGB -> grey weights (ITU-R BT.601, as OpenCV's RGB2GRAY and the JPEG luma channel).
@@ -119,31 +118,9 @@ class SuperPoint(LocalModel):
     def load_checkpoint(self, path) -> None:
         """Load a ``superpoint_v1`` state dict (plain, under ``'state_dict'``, or with
         ``'module.'`` prefixes); a mismatch raises ValueError naming ``path``."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:  # not a torch file
-            raise ValueError(f"{path}: cannot load as a SuperPoint checkpoint ({e})") from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: not a SuperPoint checkpoint (a {type(state).__name__}, not a state dict)")
-        state = OrderedDict((k.removeprefix("module."), v) for k, v in state.items())
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: not a SuperPoint (superpoint_v1) checkpoint: missing keys {missing[:5]}, "
-                f"unexpected keys {unexpected[:5]}"
-            )
-        shapes = [
-            f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})"
-            for k, v in state.items()
-            if not torch.is_tensor(v) or v.shape != own[k].shape
-        ]
-        if shapes:
-            raise ValueError(f"{path}: not a SuperPoint (superpoint_v1) checkpoint: wrong shapes {shapes[:5]}")
-        self.load_state_dict(state)
+        path = str(path)
+        state, layout = unwrap(read_file(path, "SuperPoint checkpoint"), path, "SuperPoint checkpoint")
+        load_into(self, state, path, "SuperPoint checkpoint", layout, "superpoint_v1")
 
     def encode(self, gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grey ``[B, 1, H, W]`` -> (detector logits ``[B, 65, H/8, W/8]``,

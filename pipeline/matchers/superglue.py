@@ -27,20 +27,18 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from itertools import pairwise
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..checkpoints import load_into, read_state_dict
 from .base import Matcher
 
 logger = logging.getLogger(__name__)
 
-#: wrapper keys under which training scripts store the model weights, in lookup order
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 NUM_HEADS = 4
 
 
@@ -205,53 +203,6 @@ def mutual_matches(log_assignment: torch.Tensor, threshold: float) -> tuple[torc
 # --------------------------------------------------------------------------- loading
 
 
-def _short(keys, n: int = 5) -> str:
-    keys = list(keys)
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(map(str, keys[:n])) + more
-
-
-def _read(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        logger.warning(
-            "SuperGlue weights %s hold objects that weights_only=True refuses; retrying with "
-            "weights_only=False - only do this for files you trust",
-            path,
-        )
-    except Exception as err:
-        raise ValueError(f"SuperGlue weights {path}: cannot be read: {err}") from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"SuperGlue weights {path}: cannot be read: {err}") from err
-
-
-def _state_dict(obj, path: str) -> tuple[dict, str]:
-    layout = []
-    while True:
-        if isinstance(obj, nn.Module):
-            layout.append("nn.Module")
-            obj = obj.state_dict()
-            break
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"SuperGlue weights {path}: expected a state dict, got {type(obj).__name__}")
-        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
-        if wrapper is None:
-            break
-        layout.append(f"{{'{wrapper}': ...}}")
-        obj = obj[wrapper]
-    state = dict(obj)
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"SuperGlue weights {path}: not a state dict, non-tensor entries: {_short(bad)}")
-    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-        layout.append("'module.' prefix (DataParallel)")
-    return state, " -> ".join(layout) if layout else "plain state_dict"
-
-
 def load_superglue_weights(net: SuperGlueNet, path: str | os.PathLike) -> str:
     """Load an official SuperGlue file (or a wrapped / ``module.``-prefixed copy) into ``net``.
 
@@ -259,38 +210,13 @@ def load_superglue_weights(net: SuperGlueNet, path: str | os.PathLike) -> str:
     :class:`ValueError` naming the file; a missing file raises :class:`FileNotFoundError`.
     BatchNorm ``num_batches_tracked`` counters (unused at inference) may be absent.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"SuperGlue weights file not found: {path} (give the path to superglue_outdoor.pth "
-            "or superglue_indoor.pth from magicleap/SuperGluePretrainedNetwork)"
-        )
-    state, layout = _state_dict(_read(path), path)
-    logger.info("SuperGlue weights %s: layout %s, %d tensors", path, layout, len(state))
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatches ({len(wrong)}): {_short(wrong, 3)}")
-    if problems:
-        raise ValueError(
-            f"SuperGlue weights {path} (layout {layout}) do not match the model "
-            f"(descriptor_dim={net.descriptor_dim}, {len(net.gnn.layers)} GNN layers): "
-            + "; ".join(problems)
-        )
-    for k, v in expected.items():  # absent BatchNorm counters: keep the model's
-        state.setdefault(k, v)
-    net.load_state_dict(state, strict=True)
+    state, layout = read_state_dict(
+        path, "SuperGlue weights",
+        " (give the path to superglue_outdoor.pth or superglue_indoor.pth from magicleap/SuperGluePretrainedNetwork)",
+    )
+    load_into(net, state, os.fspath(path), "SuperGlue weights", layout,
+              f"descriptor_dim={net.descriptor_dim}, {len(net.gnn.layers)} GNN layers",
+              optional=lambda k: k.endswith("num_batches_tracked"))  # unused at inference
     return layout
 
 
