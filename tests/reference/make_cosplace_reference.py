@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -28,6 +27,7 @@ import torchvision
 import torchvision.transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import upstream_commit  # noqa: E402
 from random_state import seeded_state_dict  # noqa: E402
 
 #: (backbone, fc_output_dim, weight seed)
@@ -36,15 +36,6 @@ INPUT_SEED = 123
 INPUT_SHAPE = (2, 3, 96, 128)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-def upstream_commit(path: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:  # an extracted archive has no .git
-        return "unknown"
 
 
 def main() -> None:

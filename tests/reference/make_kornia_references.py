@@ -43,28 +43,15 @@ from unittest import mock
 
 import numpy as np
 import torch
-from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_rgb, sha256  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 PAIRS = SHARED / "fixtures" / "pairs"
 WEIGHTS = SHARED / "weights"
 IMAGES = ("montmartre_close.jpg", "montmartre_far.jpg")
-
-
-def load_rgb(path, resize: int) -> np.ndarray:
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = resize / max(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        if size != (w, h):
-            im = im.resize(size, Image.BILINEAR)
-        return np.array(im)
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def local_hub(file):

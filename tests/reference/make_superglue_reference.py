@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import upstream_commit  # noqa: E402
 from random_state import seeded_state_dict  # noqa: E402
 
 WEIGHT_SEED = 7
@@ -51,15 +51,6 @@ WIDTH, HEIGHT = 320, 240
 N0, N1, N_SHARED = 120, 100, 60
 DIM = 256
 NOISE = 0.3  # norm of the noise added to a shared unit descriptor (before re-normalising)
-
-
-def upstream_commit(path: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:  # an extracted archive has no .git
-        return "unknown"
 
 
 def make_inputs() -> dict[str, np.ndarray]:

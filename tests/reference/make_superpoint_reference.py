@@ -36,40 +36,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import torch
-from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_rgb, upstream_commit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_IMAGE = REPO.parent / "shared" / "fixtures" / "pairs" / "montmartre_close.jpg"
 DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights" / "superpoint_v1_dequant_uint8.pth"
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
-
-
-def upstream_commit(path: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:  # an extracted archive has no .git
-        return "unknown"
-
-
-def load_rgb(path, resize: int) -> np.ndarray:
-    """Steps 1-2 of the module docstring: ``uint8 [H, W, 3]``."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = resize / max(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        if size != (w, h):
-            im = im.resize(size, Image.BILINEAR)
-        return np.array(im)
 
 
 def to_gray(rgb: np.ndarray) -> torch.Tensor:
