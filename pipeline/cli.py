@@ -150,6 +150,16 @@ def cmd_rerank_results(a):
     print(format_table(rows, a.ns))
 
 
+def _add_result_args(s: argparse.ArgumentParser) -> None:
+    """The options of the subcommands that write a results CSV."""
+    s.add_argument("--out", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--conf", type=_json, default={})
+    s.add_argument("--threshold", type=float, default=25.0)
+    s.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20, 100])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -246,12 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rerank-results", help="results CSV of a re-ranking method beside its retrieval")
     s.add_argument("--retrieval", required=True, help="the retrieval top-k file")
     s.add_argument("--reranked", required=True, help="the re-ranked top-k file")
-    s.add_argument("--out", required=True)
-    s.add_argument("--dataset", required=True)
-    s.add_argument("--method", required=True)
-    s.add_argument("--conf", type=_json, default={})
-    s.add_argument("--threshold", type=float, default=25.0)
-    s.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20, 100])
+    _add_result_args(s)
     s.set_defaults(func=cmd_rerank_results)
 
     s = sub.add_parser("evaluate", help="print Recall@N of top-k files", add_help=False)
@@ -260,12 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("results", help="write results/{dataset}/{method}.csv from a top-k file")
     s.add_argument("--topk", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--dataset", required=True)
-    s.add_argument("--method", required=True)
-    s.add_argument("--conf", type=_json, default={})
-    s.add_argument("--threshold", type=float, default=25.0)
-    s.add_argument("--ns", type=int, nargs="+", default=[1, 5, 10, 20, 100])
+    _add_result_args(s)
     s.add_argument("--index-dir", default=None, help="the dataset's index tables, for names without positions")
     s.set_defaults(func=cmd_results)
     return p
