@@ -122,7 +122,7 @@ def cmd_extract_local(a):
 def cmd_match(a):
     from .rerank import match_topk
 
-    match_topk(a.features, a.conf, a.topk, a.k, a.out, _resolver(a), a.device)
+    match_topk(a.features, a.conf, a.topk, a.k, a.out, _resolver(a), a.device, root=a.root)
 
 
 def cmd_score(a):
@@ -133,6 +133,7 @@ def cmd_score(a):
 
 def cmd_rerank_results(a):
     from .evaluate import evaluate_topk, format_table, write_results
+    from .random_weights import weights_label
     from .topk import read_topk
 
     base, rr = read_topk(a.retrieval), read_topk(a.reranked)
@@ -144,10 +145,17 @@ def cmd_rerank_results(a):
          "rerank_k": 0, "rerank_s_per_query": 0.0},
         {"method": a.method, **common, **evaluate_topk(rr, a.threshold, a.ns), "rerank_k": meta["rerank_k"],
          "rerank_s_per_query": match_s + score_s, "match_s_per_query": match_s, "score_s_per_query": score_s,
-         "conf": a.conf},
+         "weights": weights_label(a.conf), "conf": a.conf},
     ]
     write_results(a.out, rows)
     print(format_table(rows, a.ns))
+
+
+def cmd_random_weights(a):
+    from .random_weights import parse_name, write_random
+
+    model, seed = parse_name(a.out) if a.model is None else (a.model, a.seed)
+    print(write_random(model, a.out, seed))
 
 
 def _add_result_args(s: argparse.ArgumentParser) -> None:
@@ -231,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_extract_local)
 
     s = sub.add_parser("match", help="match every query with its top-K candidates")
-    s.add_argument("--features", required=True, help="feature store index (JSON)")
+    s.add_argument("--features", default=None, help="feature store index (JSON); none for image-input matchers")
     s.add_argument("--conf", type=_json, required=True, help="matcher conf (JSON)")
     s.add_argument("--topk", required=True)
     s.add_argument("--k", type=int, required=True)
@@ -242,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_match)
 
     s = sub.add_parser("score", help="score matches and write the re-ranked top-k file")
-    s.add_argument("--features", required=True)
+    s.add_argument("--features", default=None, help="feature store index (JSON), for index matches")
     s.add_argument("--matches", required=True)
     s.add_argument("--conf", type=_json, required=True, help="scorer conf (JSON)")
     s.add_argument("--topk", required=True)
@@ -258,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reranked", required=True, help="the re-ranked top-k file")
     _add_result_args(s)
     s.set_defaults(func=cmd_rerank_results)
+
+    s = sub.add_parser("random-weights", help="a seeded random checkpoint in a model's official format (labelled)")
+    s.add_argument("--out", required=True, help="<model>_seed<N>.pth, or any name with --model/--seed")
+    s.add_argument("--model", default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_random_weights)
 
     s = sub.add_parser("evaluate", help="print Recall@N of top-k files", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)

@@ -56,22 +56,47 @@ def check_config(config: dict) -> dict:
                 merge_conf({**cls.base_conf, **cls.default_conf}, conf, f"{section}.{name}")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    if "images" in config.get("local_features", {}):
+        raise ConfigError("local_features: 'images' is reserved (it names the inputs of image-input matchers)")
     for name, method in config.get("rerank_methods", {}).items():
         if name in config["global_methods"]:
             raise ConfigError(f"rerank_methods.{name}: a global method has the same name (results would collide)")
         for key, section in (("retrieval", "global_methods"), ("features", "local_features"),
                              ("matcher", "matchers"), ("scorer", "scorers")):
+            if key == "features" and method.get(key) is None:
+                continue
             if method[key] not in config.get(section, {}):
                 raise ConfigError(
                     f"rerank_methods.{name}.{key} is {method[key]!r}, which is not under {section}: "
                     f"{sorted(config.get(section, {}))}"
                 )
+        check_method_kinds(name, method, config)
         if method["k"] > config["retrieval"]["k"]:
             raise ConfigError(f"rerank_methods.{name}.k={method['k']} exceeds retrieval.k={config['retrieval']['k']}")
     for name, ds in config["datasets"].items():
         if ds.get("synthetic") is not None and not ds.get("root"):
             raise ConfigError(f"datasets.{name}: a synthetic dataset needs a root to be generated into")
     return config
+
+
+def check_method_kinds(name: str, method: dict, config: dict) -> None:
+    """The matcher's inputs fit the features entry; the scorer reads what the matcher writes."""
+    from .matchers import get_matcher_class
+    from .scorers import REGISTRY as SCORERS
+
+    matcher = get_matcher_class(config["matchers"][method["matcher"]]["name"])
+    scorer = SCORERS.get(config["scorers"][method["scorer"]]["name"])
+    if matcher.inputs == "images" and method.get("features") is not None:
+        raise ConfigError(f"rerank_methods.{name}: matcher {method['matcher']!r} reads images; set features: null")
+    if matcher.inputs == "features" and method.get("features") is None:
+        raise ConfigError(f"rerank_methods.{name}: matcher {method['matcher']!r} needs local features; set features")
+    produced = "pair_score" if matcher.output == "pair_score" else "matches"
+    if scorer.needs != produced:
+        raise ConfigError(
+            f"rerank_methods.{name}: scorer {method['scorer']!r} needs {scorer.needs}, but matcher "
+            f"{method['matcher']!r} gives {matcher.output} (use a pair_score scorer with pair models, "
+            "a geometric scorer with matches)"
+        )
 
 
 def load_config(path) -> dict:

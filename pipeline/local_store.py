@@ -3,7 +3,9 @@
 A store is a folder of HDF5 part files (``part_NNNNNN.h5``), each holding one
 group per image (hloc's layout: ``keypoints [N, 2]`` float32, ``descriptors
 [N, D]`` float16, ``scores [N]`` float16, ``image_size [2]`` = the described
-width/height, ``original_size [2]``, optional ``levels [N]``). Parts are written
+width/height, ``original_size [2]``, optional per-keypoint ``levels [N]`` int16 and
+``scales [N]`` float32, and optional per-image arrays named ``global_*``, e.g. a
+global descriptor that learned scorers such as RRT read). Parts are written
 to a temporary file and renamed when complete, so a killed run leaves only whole
 parts; a re-run reads which images the parts already hold and extracts only the
 others. The folder name carries a hash of the extractor's conf, so features made
@@ -31,6 +33,8 @@ from .local_features import build_model
 logger = logging.getLogger(__name__)
 
 PART_SIZE = 256  # images per part file
+CORE = ("keypoints", "descriptors", "scores", "image_size", "original_size")
+OPTIONAL = ("levels", "scales")  # per keypoint; per-image arrays are named global_*
 
 
 def store_dir(base: str | Path, conf: dict) -> Path:
@@ -67,8 +71,15 @@ def write_part(path: Path, feats: dict[str, dict]) -> None:
                 g.create_dataset("scores", data=d["scores"].astype(np.float16))
                 g.create_dataset("image_size", data=np.asarray(d["image_size"], np.int32))
                 g.create_dataset("original_size", data=np.asarray(d["original_size"], np.int32))
-                if "levels" in d:
-                    g.create_dataset("levels", data=d["levels"].astype(np.int16))
+                for key, value in d.items():
+                    if key in CORE:
+                        continue
+                    if key == "levels":
+                        g.create_dataset(key, data=np.asarray(value).astype(np.int16))
+                    elif key in OPTIONAL or key.startswith("global_"):
+                        g.create_dataset(key, data=np.asarray(value, np.float32))
+                    else:
+                        raise ValueError(f"{path}: unknown feature key {key!r} for image {name!r}")
 
 
 def extract_local(conf: dict, root, names: list[str], base, device: str = "auto", num_workers: int = 1) -> dict:

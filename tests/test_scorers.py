@@ -80,3 +80,35 @@ def test_rapid_spatial_scoring_prefers_a_consistent_shift():
     assert good == pytest.approx(x_max**2 + y_max**2)
     assert bad < 0.8 * good
     assert s.finalize(np.array([[good], [bad]]))[0] > 0
+
+
+def test_affine_ransac_separates_an_affine_map_from_a_homography():
+    rng = np.random.default_rng(5)
+    kq = rng.random((60, 2)) * [640, 480]
+    A = np.array([[0.9, 0.1, 20.0], [-0.05, 1.1, -10.0]])
+    kc = np.c_[kq, np.ones(60)] @ A.T
+    kc[45:] = rng.random((15, 2)) * [640, 480]
+    m = np.c_[np.arange(60), np.arange(60)]
+    affine = build_scorer({"name": "ransac", "model": "affine", "threshold": 3.0})
+    assert 45 <= affine.score_pair(kq, kc, m, {}, {})[0] <= 47
+    assert affine.score_pair(kq, kc, m[:2], {}, {})[0] == 0  # an affine map needs 3 matches
+    # a strongly projective map: the affine model explains only part of it
+    kq2, kc2, m2 = homography_pairs(n_in=60, n_out=0)
+    H = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [8e-4, 6e-4, 1.0]])
+    p = np.c_[kq2, np.ones(60)] @ H.T
+    kc2 = p[:, :2] / p[:, 2:]
+    assert affine.score_pair(kq2, kc2, m2, {}, {})[0] < build_scorer(
+        {"name": "ransac", "threshold": 3.0}).score_pair(kq2, kc2, m2, {}, {})[0]
+    with pytest.raises(ValueError, match="unknown model"):
+        build_scorer({"name": "ransac", "model": "fundamental"})
+
+
+def test_pair_score_combines_the_model_score_with_the_global_similarity():
+    s = build_scorer({"name": "pair_score", "model_weight": 0.5, "global_weight": 1.0})
+    assert s.needs == "pair_score"
+    raw = np.array([[2.0], [0.0], [-np.inf]])
+    sim = np.array([0.1, 0.9, 1.0])
+    np.testing.assert_allclose(s.score_query(raw, sim)[:2], [1.1, 0.9])
+    assert s.score_query(raw, sim)[2] < -1e8  # an unscored pair ranks last
+    with pytest.raises(ValueError, match="index 1"):
+        build_scorer({"name": "pair_score", "index": 1}).score_query(raw, sim)

@@ -16,6 +16,10 @@ MODELS = {
     "r2d2": ("pipeline.local_features.r2d2", "R2D2"),
     "superpoint": ("pipeline.local_features.superpoint", "SuperPoint"),
     "xfeat": ("pipeline.local_features.xfeat", "XFeat"),
+    "d2net": ("pipeline.local_features.d2net", "D2Net"),
+    "delg": ("pipeline.local_features.delg", "DELG"),
+    "patchnetvlad": ("pipeline.local_features.patchnetvlad", "PatchNetVLAD"),
+    "transvpr": ("pipeline.local_features.transvpr", "TransVPR"),
 }
 REGISTRY = Registry("local feature", MODELS)
 

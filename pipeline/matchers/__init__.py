@@ -1,4 +1,4 @@
-"""Registry of matchers (pairs of local feature sets -> correspondences)."""
+"""Registry of matchers and pair models (a query and a candidate -> correspondences or a pair score)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ MODELS = {
     "lightglue": ("pipeline.matchers.lightglue", "LightGlue"),
     "lighterglue": ("pipeline.matchers.lighterglue", "LighterGlue"),
     "superglue": ("pipeline.matchers.superglue", "SuperGlue"),
+    "loftr": ("pipeline.matchers.loftr", "LoFTR"),
+    "rrt": ("pipeline.matchers.rrt", "RRT"),
+    "cvnet": ("pipeline.matchers.cvnet", "CVNet"),
 }
 REGISTRY = Registry("matcher", MODELS)
 

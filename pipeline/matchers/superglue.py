@@ -254,3 +254,11 @@ class SuperGlue(Matcher):
     def _forward(self, f0, f1):
         matches, scores = mutual_matches(self.net(f0, f1), self.conf["match_threshold"])
         return {"matches": matches, "scores": scores}
+
+
+def write_random_checkpoint(path, seed: int = 0, conf: dict | None = None) -> None:
+    """A seeded random SuperGlue in the official layout (a plain state dict, as superglue_outdoor.pth)."""
+    c = {**SuperGlue.default_conf, **(conf or {})}
+    torch.manual_seed(seed)
+    net = SuperGlueNet(c["descriptor_dim"], c["keypoint_encoder"], c["gnn_layers"], c["sinkhorn_iterations"])
+    torch.save(net.state_dict(), path)

@@ -10,6 +10,7 @@ MODELS = {
     "multiscale_ransac": ("pipeline.scorers.ransac", "MultiScaleRansac"),
     "rapid_spatial": ("pipeline.scorers.rss", "RapidSpatialScoring"),
     "match_count": ("pipeline.scorers.count", "MatchCount"),
+    "pair_score": ("pipeline.scorers.pair", "PairScore"),
 }
 REGISTRY = Registry("scorer", MODELS)
 

@@ -22,6 +22,9 @@ class Scorer:
 
     default_conf: dict[str, Any] = {}
     base_conf: dict[str, Any] = {"name": None}
+    #: what the scorer reads from the matches file: "matches" (index pairs or
+    #: positions) or "pair_score" (a learned pair model's output)
+    needs = "matches"
 
     def __init__(self, conf: dict | None = None):
         self.conf = merge_conf({**self.base_conf, **self.default_conf}, conf, type(self).__name__)
@@ -31,3 +34,8 @@ class Scorer:
 
     def finalize(self, raw: np.ndarray) -> np.ndarray:
         return raw.sum(1)
+
+    def score_query(self, pair_scores: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+        """For ``needs = "pair_score"``: one query's ``[K, L]`` pair scores and its
+        candidates' retrieval similarities ``[K]`` -> scores ``[K]``."""
+        raise NotImplementedError

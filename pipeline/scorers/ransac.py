@@ -1,4 +1,7 @@
-"""Homography RANSAC inlier counts (OpenCV), single- and multi-scale.
+"""RANSAC inlier counts (OpenCV), single- and multi-scale.
+
+``model`` is the transformation fitted: ``homography`` (8 degrees of freedom; the
+thesis's default) or ``affine`` (6, as DELG verifies its matches).
 
 RANSAC is seeded (``cv2.setRNGSeed`` before every estimate), so two runs give the
 same scores. ``method`` picks OpenCV's estimator: ``ransac`` (the thesis: 24 px,
@@ -21,31 +24,43 @@ METHODS = {
 }
 
 
+MODELS = ("homography", "affine")
+
+
 def homography_inliers(p0: np.ndarray, p1: np.ndarray, method: str, threshold: float, max_iters: int,
-                       confidence: float, seed: int) -> int:
-    """Inliers of a homography fitted to correspondences ``p0 -> p1`` (0 below 4 points)."""
-    if len(p0) < 4:
+                       confidence: float, seed: int, model: str = "homography") -> int:
+    """Inliers of a homography (or affine map) fitted to ``p0 -> p1`` (0 below 4 / 3 points)."""
+    if len(p0) < (4 if model == "homography" else 3):
         return 0
     cv2.setRNGSeed(seed)
-    _, mask = cv2.findHomography(
-        p0.astype(np.float64), p1.astype(np.float64), METHODS[method], threshold,
-        maxIters=max_iters, confidence=confidence,
-    )
+    if model == "affine":
+        _, mask = cv2.estimateAffine2D(
+            p0.astype(np.float64), p1.astype(np.float64), method=METHODS[method], ransacReprojThreshold=threshold,
+            maxIters=max_iters, confidence=confidence, refineIters=0,
+        )
+    else:
+        _, mask = cv2.findHomography(
+            p0.astype(np.float64), p1.astype(np.float64), METHODS[method], threshold,
+            maxIters=max_iters, confidence=confidence,
+        )
     return 0 if mask is None else int(mask.sum())
 
 
 class RansacInliers(Scorer):
-    default_conf = {"method": "ransac", "threshold": 24.0, "max_iters": 2000, "confidence": 0.995, "seed": 0}
+    default_conf = {"method": "ransac", "threshold": 24.0, "max_iters": 2000, "confidence": 0.995, "seed": 0,
+                    "model": "homography"}
 
     def __init__(self, conf=None):
         super().__init__(conf)
         if self.conf["method"] not in METHODS:
             raise ValueError(f"ransac: unknown method {self.conf['method']!r}; choose from {sorted(METHODS)}")
+        if self.conf["model"] not in MODELS:
+            raise ValueError(f"ransac: unknown model {self.conf['model']!r}; choose from {list(MODELS)}")
 
     def score_pair(self, kq, kc, matches, q, c):
         c_ = self.conf
         n = homography_inliers(kq[matches[:, 0]], kc[matches[:, 1]], c_["method"], c_["threshold"],
-                               c_["max_iters"], c_["confidence"], c_["seed"])
+                               c_["max_iters"], c_["confidence"], c_["seed"], c_["model"])
         return np.array([float(n)])
 
 
@@ -67,7 +82,8 @@ class MultiScaleRansac(RansacInliers):
             keep = (lq[matches[:, 0]] == level) & (lc[matches[:, 1]] == level)
             m = matches[keep]
             thr = c_["thresholds"][level] if c_["thresholds"] else c_["threshold"]
-            n = homography_inliers(kq[m[:, 0]], kc[m[:, 1]], c_["method"], thr, c_["max_iters"], c_["confidence"], c_["seed"])
+            n = homography_inliers(kq[m[:, 0]], kc[m[:, 1]], c_["method"], thr, c_["max_iters"], c_["confidence"],
+                                   c_["seed"], c_["model"])
             out[level] = n / max(1, int((lq == level).sum()))
         return out
 

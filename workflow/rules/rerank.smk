@@ -4,6 +4,31 @@
 RERANK = config["rerank_methods"]
 LOCAL = config["local_features"]
 MATCHERS = config["matchers"]
+IMAGES = "images"  # the "features" part of the matches file name of image-input matchers
+
+
+def random_weights(conf):
+    """Weight files of a conf that are random checkpoints this workflow makes (rule random_weights)."""
+    from pipeline.random_weights import weight_paths
+
+    return [p for p in weight_paths(conf) if p.startswith(f"{WORK}/random_weights/")]
+
+
+def method_random_weights(method):
+    c = RERANK[method]
+    confs = [MATCHERS[c["matcher"]]] + ([LOCAL[c["features"]]] if c["features"] else [])
+    return [p for conf in confs for p in random_weights(conf)]
+
+
+def matcher_output(matcher):
+    """What a matcher writes: matches, points or pair_score."""
+    from pipeline.matchers import get_matcher_class
+
+    return get_matcher_class(MATCHERS[matcher]["name"]).output
+
+
+def features_part(c):
+    return c["features"] or IMAGES
 
 
 def rerank_available(dataset, method):
@@ -27,7 +52,7 @@ def features_users(dataset, features):
 def match_k(retrieval, features, matcher):
     """The largest K of the methods that share these matches."""
     return max(c["k"] for c in RERANK.values()
-               if (c["retrieval"], c["features"], c["matcher"]) == (retrieval, features, matcher))
+               if (c["retrieval"], features_part(c), c["matcher"]) == (retrieval, features, matcher))
 
 
 def resolver_args(wildcards):
@@ -39,6 +64,7 @@ rule extract_local:
     input:
         topk=lambda w: [p for p, _ in features_users(w.dataset, w.features)],
         index=f"{WORK}/{{dataset}}/index/summary.json",
+        weights=lambda w: random_weights(LOCAL[w.features]),
     output:
         f"{WORK}/{{dataset}}/local/{{features}}.json",
     wildcard_constraints:
@@ -61,10 +87,17 @@ rule extract_local:
 
 
 def match_inputs(w):
-    return named_with_stamp(
-        f"{WORK}/{w.dataset}/matches/{w.retrieval}/{w.features}+{w.matcher}.h5",
-        {"features": f"{WORK}/{w.dataset}/local/{w.features}.json", "topk": topk_file(w.dataset, w.retrieval)},
-    )
+    named = {"topk": topk_file(w.dataset, w.retrieval)}
+    if w.features != IMAGES:
+        named["features"] = f"{WORK}/{w.dataset}/local/{w.features}.json"
+    return {
+        **named_with_stamp(f"{WORK}/{w.dataset}/matches/{w.retrieval}/{w.features}+{w.matcher}.h5", named),
+        "weights": random_weights(MATCHERS[w.matcher]),
+    }
+
+
+def features_arg(input):
+    return f"--features {shlex.quote(input.features)}" if "features" in input.keys() else ""
 
 
 rule match:
@@ -75,12 +108,13 @@ rule match:
         f"{WORK}/{{dataset}}/matches/{{retrieval}}/{{features}}+{{matcher}}.h5",
     wildcard_constraints:
         retrieval=alternation(GMETHODS),
-        features=alternation(LOCAL),
+        features=alternation(list(LOCAL) + [IMAGES]),
         matcher=alternation(MATCHERS),
     params:
         conf=lambda w: json.dumps(MATCHERS[w.matcher], sort_keys=True),
         k=lambda w: match_k(w.retrieval, w.features, w.matcher),
         resolver=resolver_args,
+        features=lambda w, input: features_arg(input),
     log:
         f"{WORK}/logs/match_{{dataset}}_{{retrieval}}_{{features}}+{{matcher}}.log",
     threads: 2
@@ -89,17 +123,19 @@ rule match:
     conda:
         CONDA_ENV
     shell:
-        "{PY} --threads {threads} match --features {input.features:q} --conf {params.conf:q} --topk {input.topk:q}"
+        "{PY} --threads {threads} match {params.features} --conf {params.conf:q} --topk {input.topk:q}"
         " --k {params.k} --out {output:q} {params.resolver} 2> {log:q}"
 
 
 def score_inputs(w):
     c = RERANK[w.method]
-    return named_with_stamp(f"{WORK}/{w.dataset}/rerank/{w.method}.h5", {
-        "features": f"{WORK}/{w.dataset}/local/{c['features']}.json",
-        "matches": f"{WORK}/{w.dataset}/matches/{c['retrieval']}/{c['features']}+{c['matcher']}.h5",
+    named = {
+        "matches": f"{WORK}/{w.dataset}/matches/{c['retrieval']}/{features_part(c)}+{c['matcher']}.h5",
         "topk": topk_file(w.dataset, c["retrieval"]),
-    })
+    }
+    if c["features"] and matcher_output(c["matcher"]) == "matches":
+        named["features"] = f"{WORK}/{w.dataset}/local/{c['features']}.json"
+    return named_with_stamp(f"{WORK}/{w.dataset}/rerank/{w.method}.h5", named)
 
 
 rule score:
@@ -115,12 +151,13 @@ rule score:
         k=lambda w: RERANK[w.method]["k"],
         meta=lambda w: json.dumps({"method": w.method, "retrieval": RERANK[w.method]["retrieval"], "dataset": w.dataset}),
         resolver=resolver_args,
+        features=lambda w, input: features_arg(input),
     log:
         f"{WORK}/logs/score_{{dataset}}_{{method}}.log",
     conda:
         CONDA_ENV
     shell:
-        "{PY} score --features {input.features:q} --matches {input.matches:q} --conf {params.conf:q}"
+        "{PY} score {params.features} --matches {input.matches:q} --conf {params.conf:q}"
         " --topk {input.topk:q} --k {params.k} --out {output:q} --meta {params.meta:q} {params.resolver} 2> {log:q}"
 
 
@@ -144,7 +181,7 @@ rule rerank_results:
         ns=" ".join(map(str, config["evaluation"]["recall_at"])),
         conf=lambda w: json.dumps({
             "method": RERANK[w.method],
-            "features": LOCAL[RERANK[w.method]["features"]],
+            "features": LOCAL.get(RERANK[w.method]["features"]),
             "matcher": MATCHERS[RERANK[w.method]["matcher"]],
             "scorer": config["scorers"][RERANK[w.method]["scorer"]],
         }, sort_keys=True),
@@ -156,3 +193,17 @@ rule rerank_results:
         "{PY} rerank-results --retrieval {input.retrieval:q} --reranked {input.reranked:q} --out {output:q}"
         " --dataset {wildcards.dataset} --method {wildcards.method} --conf {params.conf:q}"
         " --threshold {params.threshold} --ns {params.ns} 2> {log:q}"
+
+
+rule random_weights:
+    """A seeded random checkpoint in a model's official format, labelled as random (no weights ship here)."""
+    output:
+        f"{WORK}/random_weights/{{model}}_seed{{seed}}.pth",
+    wildcard_constraints:
+        seed=r"\d+",
+    log:
+        f"{WORK}/logs/random_weights_{{model}}_seed{{seed}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} random-weights --out {output:q} 2> {log:q}"

@@ -1,0 +1,91 @@
+"""Randomly initialised checkpoints in the official file formats, clearly labelled.
+
+None of the thesis's re-ranking models ship weights with this project and nothing is
+downloaded. To run a method end to end without its weights (to check the pipeline, to
+time it), :func:`write_random` saves a seeded random initialisation of the
+architecture in the *upstream* file layout, so the same loader reads it as it reads
+the released file, and writes a sidecar ``<file>.random.json`` next to it. Results
+made with such a file say so: :func:`weights_label` finds the sidecars of the weight
+files a conf names and the results CSV gets a ``weights`` column reading
+``RANDOM ...`` (recalls from random weights mean nothing about the method).
+
+Snakemake builds ``{work_dir}/random_weights/{model}_seed{seed}.pth`` on demand for
+any conf that points there (see ``workflow/rules/rerank.smk``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+from .io import atomic_path, write_json
+
+#: model name -> module with ``write_random_checkpoint(path, seed, conf)``
+MODELS = {
+    "d2net": "pipeline.local_features.d2net",
+    "delg": "pipeline.local_features.delg",
+    "patchnetvlad": "pipeline.local_features.patchnetvlad",
+    "transvpr": "pipeline.local_features.transvpr",
+    "rrt": "pipeline.matchers.rrt",
+    "loftr": "pipeline.matchers.loftr",
+    "cvnet": "pipeline.matchers.cvnet",
+    "superglue": "pipeline.matchers.superglue",
+}
+SUFFIX = ".random.json"
+NAME = re.compile(r"(?P<model>[a-z0-9]+)_seed(?P<seed>\d+)\.[a-z.]+$")
+WEIGHT_KEYS = ("weights", "checkpoint")
+
+
+def write_random(model: str, path, seed: int = 0) -> Path:
+    """Write a seeded random checkpoint of ``model`` in its official layout, and its label."""
+    if model not in MODELS:
+        raise ValueError(f"no random checkpoint writer for {model!r}; known: {sorted(MODELS)}")
+    module = importlib.import_module(MODELS[model])
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        module.write_random_checkpoint(tmp, seed=seed)
+    write_json(path.with_name(path.name + SUFFIX), {
+        "model": model, "seed": seed, "trained": False,
+        "note": "randomly initialised weights in the official checkpoint layout: NOT a trained model",
+    })
+    return path
+
+
+def parse_name(path) -> tuple[str, int]:
+    """``d2net_seed0.pth`` -> ``("d2net", 0)``."""
+    m = NAME.search(Path(path).name)
+    if not m:
+        raise ValueError(f"{path}: random checkpoints are named <model>_seed<N>.pth")
+    return m["model"], int(m["seed"])
+
+
+def weight_paths(conf) -> list[str]:
+    """Every weights/checkpoint path a (nested) conf names."""
+    out = []
+    if isinstance(conf, dict):
+        for key, value in conf.items():
+            if key in WEIGHT_KEYS and isinstance(value, str):
+                out.append(value)
+            else:
+                out += weight_paths(value)
+    elif isinstance(conf, list):
+        for value in conf:
+            out += weight_paths(value)
+    return out
+
+
+def weights_label(conf) -> str:
+    """``RANDOM (...)`` when a weight file of ``conf`` is a random checkpoint, else ``trained``
+    (``none`` for a conf without weight files)."""
+    paths = weight_paths(conf)
+    random = []
+    for p in paths:
+        side = Path(p).with_name(Path(p).name + SUFFIX)
+        if side.is_file():
+            info = json.loads(side.read_text())
+            random.append(f"{info['model']} seed {info['seed']}")
+    if random:
+        return "RANDOM untrained weights (" + ", ".join(random) + "): recalls are not meaningful"
+    return "trained" if paths else "none"
