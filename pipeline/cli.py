@@ -140,11 +140,13 @@ def cmd_rerank_results(a):
     meta = rr.meta
     common = {"dataset": a.dataset, "threshold_m": a.threshold}
     match_s, score_s = meta["seconds_per_query_matching"], meta["seconds_per_query_scoring"]
+    extract_s = meta.get("seconds_per_query_extraction") or 0.0
     rows = [
         {"method": meta.get("retrieval", "retrieval"), **common, **evaluate_topk(base, a.threshold, a.ns),
          "rerank_k": 0, "rerank_s_per_query": 0.0},
         {"method": a.method, **common, **evaluate_topk(rr, a.threshold, a.ns), "rerank_k": meta["rerank_k"],
-         "rerank_s_per_query": match_s + score_s, "match_s_per_query": match_s, "score_s_per_query": score_s,
+         "rerank_s_per_query": extract_s + match_s + score_s, "extract_s_per_query": extract_s,
+         "match_s_per_query": match_s, "score_s_per_query": score_s,
          "weights": weights_label(a.conf), "conf": a.conf},
     ]
     write_results(a.out, rows)

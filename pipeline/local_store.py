@@ -33,7 +33,7 @@ from .local_features import build_model
 logger = logging.getLogger(__name__)
 
 PART_SIZE = 256  # images per part file
-CORE = ("keypoints", "descriptors", "scores", "image_size", "original_size")
+CORE = ("keypoints", "descriptors", "scores", "image_size", "original_size", "seconds")
 OPTIONAL = ("levels", "scales")  # per keypoint; per-image arrays are named global_*
 
 
@@ -42,20 +42,29 @@ def store_dir(base: str | Path, conf: dict) -> Path:
     return Path(base) / f"{conf['name']}-{conf_hash(conf)}"
 
 
-def _part_names(path: Path) -> list[str]:
-    names = []
+def _part_names(path: Path) -> dict[str, float]:
+    """Image name -> extraction seconds (NaN if not recorded) of the images in a part."""
+    names = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Group) and "keypoints" in obj:
+            names[name] = float(obj.attrs.get("seconds", float("nan")))
+
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Group) and "keypoints" in obj else None)
+        f.visititems(visit)
     return names
 
 
-def scan_parts(folder: Path) -> dict[str, str]:
-    """Image name -> part file name, for every complete part in ``folder``."""
+def scan_parts(folder: Path, seconds: dict | None = None) -> dict[str, str]:
+    """Image name -> part file name, for every complete part in ``folder``
+    (and, into ``seconds``, image name -> extraction seconds)."""
     index = {}
     for part in sorted(folder.glob("part_*.h5")):
         try:
-            for name in _part_names(part):
+            for name, sec in _part_names(part).items():
                 index[name] = part.name
+                if seconds is not None:
+                    seconds[name] = sec
         except OSError as e:
             raise ValueError(f"{part}: damaged feature part ({e}); delete it to extract its images again") from None
     return index
@@ -66,6 +75,8 @@ def write_part(path: Path, feats: dict[str, dict]) -> None:
         with h5py.File(tmp, "w") as f:
             for name, d in feats.items():
                 g = f.create_group(name)
+                if "seconds" in d:
+                    g.attrs["seconds"] = float(d["seconds"])
                 g.create_dataset("keypoints", data=d["keypoints"].astype(np.float32))
                 g.create_dataset("descriptors", data=d["descriptors"].astype(np.float16))
                 g.create_dataset("scores", data=d["scores"].astype(np.float16))
@@ -109,9 +120,11 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
                 logger.warning("skipped: %s", err)
             for k, i in enumerate(batch.idx):
                 img = batch.images[k]
+                t_img = time.perf_counter()
                 with torch.inference_mode():
                     out = model(to_float(img.to(dev)))
-                d = {key: v.float().cpu().numpy() for key, v in out.items()}
+                d = {key: v.float().cpu().numpy() for key, v in out.items()}  # .cpu() waits for the device
+                d["seconds"] = time.perf_counter() - t_img
                 orig = _original_size(Path(root) / todo[i])
                 d["image_size"] = (img.shape[2], img.shape[1])
                 d["original_size"] = orig
@@ -122,11 +135,14 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
         if buffer:
             write_part(folder / f"part_{next_part:06d}.h5", buffer)
         seconds = time.perf_counter() - t0
-        index = scan_parts(folder)
+    per_image: dict[str, float] = {}
+    index = scan_parts(folder, per_image)
     size = sum(p.stat().st_size for p in folder.glob("part_*.h5"))
     info = {
         "folder": str(folder), "conf": conf, "images": {n: index[n] for n in names if n in index},
         "errors": errors, "extracted_this_run": len(todo) - len(errors), "seconds": seconds,
+        # the model's time per image (decoding excluded), kept in the parts across runs
+        "image_seconds": {n: per_image[n] for n in names if n in index},
         "store_bytes": size,
     }
     logger.info("%s: %.1f MB for %d images", folder, size / 1e6, len(index))

@@ -289,6 +289,22 @@ def similarity_from_distances(distances: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(distances, np.float64) / 2.0
 
 
+def extraction_seconds(features, topk: TopK, k: int, resolve=lambda n: n) -> float | None:
+    """Mean over queries of the extraction time of the query and its first ``k`` candidates
+    (each candidate counted for every query that re-ranks it, as a query would pay it alone).
+    None when the store has no timings (made before they were recorded)."""
+    info = json.loads(Path(features).read_text())
+    sec = info.get("image_seconds")
+    if not sec:
+        return None
+    per_query = []
+    for qi, q in enumerate(topk.query_names):
+        names = [resolve(q)] + [resolve(n) for n in topk.candidate_names[qi, :k]]
+        per_query.append(sum(sec.get(n, 0.0) for n in names))
+    value = float(np.mean(per_query)) if per_query else 0.0
+    return None if np.isnan(value) else value
+
+
 def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out, resolve=lambda n: n,
                meta: dict | None = None) -> TopK:
     """Score the first ``k`` candidates of every query and write the re-ranked top-k file.
@@ -314,6 +330,7 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
         if features is None:
             raise ValueError(f"{matches_path} holds index matches: the feature store is needed to score them")
         store = FeatureStore(features)
+    extraction = extraction_seconds(features, topk, k, resolve) if features is not None else None
     similarity = similarity_from_distances(topk.distances[:, :k])
     scores = np.zeros((len(topk), k))
     order = np.zeros((len(topk), k), dtype=np.int64)
@@ -357,6 +374,8 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
         **(meta or {}), "scorer": scorer_conf, "rerank_k": k, "retrieval_topk": str(topk_path),
         "seconds_per_query_scoring": float(seconds.mean()),
         "seconds_per_query_matching": matches.info["seconds_per_query"],
+        # local features of the query and its K candidates (image-input matchers: inside matching)
+        "seconds_per_query_extraction": extraction,
         "skipped_queries": topk.meta.get("skipped_queries", []),
     }
     out_topk = TopK(topk.query_names, new_names, new_index, new_dist, info)

@@ -49,6 +49,11 @@ def test_rerank_raises_recall_at_1(project):
     assert rr["R@1"] > base["R@1"], df
     assert rr["R@20"] == base["R@20"]  # re-ranking the top 20 cannot change R@20
     assert rr.rerank_k == 20 and rr.rerank_s_per_query > 0
+    # time per query = extraction of the query + its 20 candidates, matching, scoring
+    assert rr.extract_s_per_query > 0 and rr.match_s_per_query > 0
+    assert rr.rerank_s_per_query == pytest.approx(
+        rr.extract_s_per_query + rr.match_s_per_query + rr.score_s_per_query, abs=0.02)
+    assert rr.weights == "none"  # SIFT + RANSAC: no weight files
 
 
 def test_each_image_extracted_once(project):

@@ -133,7 +133,7 @@ def score_inputs(w):
         "matches": f"{WORK}/{w.dataset}/matches/{c['retrieval']}/{features_part(c)}+{c['matcher']}.h5",
         "topk": topk_file(w.dataset, c["retrieval"]),
     }
-    if c["features"] and matcher_output(c["matcher"]) == "matches":
+    if c["features"]:  # index matches need the keypoints; every method reports the extraction time
         named["features"] = f"{WORK}/{w.dataset}/local/{c['features']}.json"
     return named_with_stamp(f"{WORK}/{w.dataset}/rerank/{w.method}.h5", named)
 
