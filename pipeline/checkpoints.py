@@ -1,7 +1,7 @@
 """Loading upstream checkpoint files: every common layout, clear errors naming the file.
 
 Released checkpoints come as a plain state dict, wrapped in ``{'state_dict': ...}``,
-``{'model_state_dict': ...}`` or ``{'model': ...}``, and with DataParallel's
+``{'model_state_dict': ...}``, ``{'model_state': ...}`` (pycls) or ``{'model': ...}``, and with DataParallel's
 ``module.`` prefixes. :func:`read_state_dict` finds the state dict and says which
 layout it found; :func:`load_into` checks it against the model (missing, unexpected
 and mis-shaped keys) before loading it strictly.
@@ -19,7 +19,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+WRAPPER_KEYS = ("model_state_dict", "model_state", "state_dict", "model")
 
 
 def short(keys, n: int = 5) -> str:
