@@ -84,3 +84,17 @@ def test_commented_examples_in_config_are_valid():
     c = yaml.safe_load(enabled)
     assert "r2d2_ransac" in c["rerank_methods"] and "superglue" in c["matchers"]
     check_config(validate_schema(c))
+
+
+def test_schema_names_every_registered_model():
+    """The schema's name enums and the registries list the same models."""
+    import yaml as _yaml
+
+    from pipeline.config import SCHEMA
+    from pipeline.local_features import MODELS as LOCAL
+    from pipeline.matchers import MODELS as MATCHERS
+    from pipeline.scorers import MODELS as SCORERS
+
+    props = _yaml.safe_load(SCHEMA.read_text())["properties"]
+    for section, registry in (("local_features", LOCAL), ("matchers", MATCHERS), ("scorers", SCORERS)):
+        assert set(props[section]["additionalProperties"]["properties"]["name"]["enum"]) == set(registry), section
