@@ -38,3 +38,15 @@ def test_matching_by_level_never_crosses_levels():
     assert sorted(by_level) == [[3, 3], [4, 4], [5, 5]]
     f1["levels"] = torch.tensor([0, 0, 0, 1, 1, 1])
     assert sorted(build_matcher({"name": "mnn", "by_level": True})(f0, f1)["matches"].tolist()) == [[i, i] for i in range(6)]
+
+
+def test_dot_similarity_on_raw_vectors():
+    # by L2 the short vector [0.5, 0] is nearest to [0.4, 0.1]; by dot product the long one wins
+    f0 = {"keypoints": torch.zeros(1, 2), "descriptors": torch.tensor([[1.0, 0.0]]), "scores": torch.ones(1)}
+    f1 = {"keypoints": torch.zeros(2, 2), "descriptors": torch.tensor([[0.5, 0.0], [3.0, 1.0]]), "scores": torch.ones(2)}
+    assert build_matcher({"name": "mnn", "mutual": False})(f0, f1)["matches"].tolist() == [[0, 0]]
+    assert build_matcher({"name": "mnn", "mutual": False, "similarity": "dot"})(f0, f1)["matches"].tolist() == [[0, 1]]
+    import pytest
+
+    with pytest.raises(ValueError, match="L2 tests"):
+        build_matcher({"name": "mnn", "similarity": "dot", "ratio": 0.9})

@@ -28,8 +28,11 @@ class LocalModel(nn.Module):
 
     ``forward(image)`` takes a float RGB tensor ``[3, H, W]`` in [0, 1] and returns a
     dict of tensors: ``keypoints [N, 2]`` (x, y pixels), ``descriptors [N, D]``
-    (L2-normalised) and ``scores [N]``.
+    (L2-normalised, unless the class sets ``normalize_descriptors = False`` because its
+    authors match the raw vectors, as TransVPR does) and ``scores [N]``.
     """
+
+    normalize_descriptors: bool = True
 
     default_conf: dict[str, Any] = {}
     base_conf: dict[str, Any] = {"name": None, "max_keypoints": 1024, "resize": None}
@@ -50,5 +53,7 @@ class LocalModel(nn.Module):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected an image [3, H, W], got {tuple(image.shape)}")
         out = self._forward(image)
-        out["descriptors"] = nn.functional.normalize(out["descriptors"].float(), dim=-1)
+        out["descriptors"] = out["descriptors"].float()
+        if self.normalize_descriptors:
+            out["descriptors"] = nn.functional.normalize(out["descriptors"], dim=-1)
         return out

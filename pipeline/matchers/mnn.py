@@ -4,7 +4,9 @@ optional ratio test, distance threshold and per-level matching.
 - ``mutual: false`` keeps every feature of the first image whose nearest neighbour in
   the second is within the thresholds (DELG's KD-tree matching with a distance bound);
 - ``by_level: true`` matches features only with features of the same ``levels`` value
-  (Patch-NetVLAD matches each patch size separately).
+  (Patch-NetVLAD matches each patch size separately);
+- ``similarity: dot`` finds neighbours by the largest dot product instead of the smallest
+  L2 distance (the same on L2-normalised descriptors; TransVPR matches its raw tokens so).
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ class MutualNearestNeighbor(Matcher):
         "max_distance": None,  # reject pairs with an L2 distance above this; None: off
         "mutual": True,  # False: nearest neighbour from image 0 to image 1 only
         "by_level": False,  # match within each keypoint level (patch size) separately
+        "similarity": "l2",  # "l2": smallest distance; "dot": largest dot product
     }
 
+    def __init__(self, conf=None):
+        super().__init__(conf)
+        if self.conf["similarity"] not in ("l2", "dot"):
+            raise ValueError(f"mnn: similarity must be 'l2' or 'dot', got {self.conf['similarity']!r}")
+        if self.conf["similarity"] == "dot" and (self.conf["ratio"] is not None or self.conf["max_distance"] is not None):
+            raise ValueError("mnn: ratio and max_distance are L2 tests; they do not apply with similarity: dot")
+
     def _match(self, d0, d1):
-        dist = torch.cdist(d0, d1)
+        dist = -(d0 @ d1.t()) if self.conf["similarity"] == "dot" else torch.cdist(d0, d1)
         nn01 = dist.argmin(1)
         idx0 = torch.arange(len(d0), device=d0.device)
         keep = torch.ones(len(d0), dtype=torch.bool, device=d0.device)
