@@ -22,19 +22,21 @@ from pathlib import Path
 
 from .io import atomic_path, write_json
 
-#: model name -> module with ``write_random_checkpoint(path, seed, conf)``
-MODELS = {
+#: model name -> module with ``write_random_checkpoint(path, seed, conf)``, or
+#: (module, conf) for a variant with other sizes than the released model
+MODELS: dict[str, str | tuple[str, dict]] = {
     "d2net": "pipeline.local_features.d2net",
     "delg": "pipeline.local_features.delg",
     "patchnetvlad": "pipeline.local_features.patchnetvlad",
     "transvpr": "pipeline.local_features.transvpr",
-    "rrt": "pipeline.matchers.rrt",
+    "rrt": "pipeline.matchers.rrt",  # the released sizes: TF DELG's 2048-d global, 128-d local
+    "rrt-delg512": ("pipeline.matchers.rrt", {"num_global_features": 512, "num_local_features": 512}),
     "loftr": "pipeline.matchers.loftr",
     "cvnet": "pipeline.matchers.cvnet",
     "superglue": "pipeline.matchers.superglue",
 }
 SUFFIX = ".random.json"
-NAME = re.compile(r"(?P<model>[a-z0-9]+)_seed(?P<seed>\d+)\.[a-z.]+$")
+NAME = re.compile(r"(?P<model>[a-z0-9-]+)_seed(?P<seed>\d+)\.[a-z.]+$")
 WEIGHT_KEYS = ("weights", "checkpoint")
 
 
@@ -42,10 +44,10 @@ def write_random(model: str, path, seed: int = 0) -> Path:
     """Write a seeded random checkpoint of ``model`` in its official layout, and its label."""
     if model not in MODELS:
         raise ValueError(f"no random checkpoint writer for {model!r}; known: {sorted(MODELS)}")
-    module = importlib.import_module(MODELS[model])
+    module, conf = MODELS[model] if isinstance(MODELS[model], tuple) else (MODELS[model], None)
     path = Path(path)
     with atomic_path(path) as tmp:
-        module.write_random_checkpoint(tmp, seed=seed)
+        importlib.import_module(module).write_random_checkpoint(tmp, seed=seed, conf=conf)
     write_json(path.with_name(path.name + SUFFIX), {
         "model": model, "seed": seed, "trained": False,
         "note": "randomly initialised weights in the official checkpoint layout: NOT a trained model",
