@@ -110,7 +110,7 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
     if todo:
         dev = pick_device(device)
         model = build_model(conf).eval().to(dev)
-        loader = image_loader(root, todo, conf.get("resize"), 1, num_workers)
+        loader = image_loader(root, todo, model.conf["resize"], 1, num_workers)  # the model's default if unset
         next_part = max([int(p.stem.split("_")[1]) for p in folder.glob("part_*.h5")] + [-1]) + 1
         buffer: dict[str, dict] = {}
         t0 = time.perf_counter()

@@ -112,3 +112,26 @@ def test_pair_score_combines_the_model_score_with_the_global_similarity():
     assert s.score_query(raw, sim)[2] < -1e8  # an unscored pair ranks last
     with pytest.raises(ValueError, match="index 1"):
         build_scorer({"name": "pair_score", "index": 1}).score_query(raw, sim)
+
+
+def test_rapid_spatial_uses_the_grid_extent_not_the_keypoint_offset():
+    # Patch-NetVLAD keypoints: patch centres 16 j + (16 p - 1) / 2 on a 4 x 3 grid (p = 5)
+    j, i = np.meshgrid(np.arange(4), np.arange(3))
+    kq = np.c_[j.ravel(), i.ravel()] * 16.0 + (16 * 5 - 1) / 2
+    kc = kq + 16.0  # the candidate: the same patches one cell to the right and down
+    m = np.c_[np.arange(12), np.arange(12)]
+    s = build_scorer({"name": "rapid_spatial", "cell_size": 16}).score_pair(kq, kc, m, {}, {})[0]
+    # all displacements equal their mean: each match scores x_max^2 + y_max^2 = 3^2 + 2^2 (upstream: Wout-1, Hout-1)
+    assert s == pytest.approx(13.0)
+    with pytest.raises(ValueError, match="2 cell sizes but 1 weights"):
+        build_scorer({"name": "rapid_spatial", "cell_size": [16, 32]}).score_pair(kq, kc, m, {}, {})
+
+
+def test_ransac_direction_candidate_to_query():
+    kq, kc, m = homography_pairs(n_in=30, n_out=10, seed=2)
+    fwd = build_scorer({"name": "ransac", "threshold": 4.0})
+    back = build_scorer({"name": "ransac", "threshold": 4.0, "direction": "candidate_to_query"})
+    # the same inliers either way on a clean homography, counted in the other image
+    assert 30 <= back.score_pair(kq, kc, m, {}, {})[0] <= 32 and 30 <= fwd.score_pair(kq, kc, m, {}, {})[0] <= 32
+    with pytest.raises(ValueError, match="direction"):
+        build_scorer({"name": "ransac", "direction": "sideways"})

@@ -17,17 +17,29 @@ from .test_workflow import METHOD, job_counts, snakemake
 RW = "work/random_weights"
 LOCAL = {
     "d2net": {"name": "d2net", "weights": f"{RW}/d2net_seed0.pth"},
+    "delg": {"name": "delg", "weights": f"{RW}/delg_seed0.pth"},
+    "transvpr": {"name": "transvpr", "weights": f"{RW}/transvpr_seed0.pth", "resize": [96, 128]},
 }
 MATCHERS = {
     "mnn": {"name": "mnn"},
+    "mnn_dot": {"name": "mnn", "similarity": "dot"},
+    "delg_nn": {"name": "mnn", "mutual": False, "max_distance": 1.0},
+    "rrt": {"name": "rrt", "weights": f"{RW}/rrt-delg512_seed0.pth", "num_global_features": 512,
+            "num_local_features": 512},
     "cvnet": {"name": "cvnet", "weights": f"{RW}/cvnet_seed0.pth", "resize": 128, "batch_size": 3},
 }
 SCORERS = {
     "ransac": {"name": "ransac", "threshold": 24, "max_iters": 2000, "seed": 0},
+    "ransac_affine": {"name": "ransac", "model": "affine", "threshold": 20, "max_iters": 1000, "seed": 0,
+                      "min_matches": 4},
+    "rrt_score": {"name": "pair_score"},
     "cvnet_score": {"name": "pair_score", "model_weight": 0.5, "global_weight": 1.0},
 }
 METHODS = {
     "d2net_ransac": {"features": "d2net", "matcher": "mnn", "scorer": "ransac"},
+    "delg_ransac": {"features": "delg", "matcher": "delg_nn", "scorer": "ransac_affine"},
+    "delg_rrt": {"features": "delg", "matcher": "rrt", "scorer": "rrt_score"},
+    "transvpr_ransac": {"features": "transvpr", "matcher": "mnn_dot", "scorer": "ransac"},
     "cvnet": {"features": None, "matcher": "cvnet", "scorer": "cvnet_score"},
 }
 K = 3

@@ -25,6 +25,7 @@ METHODS = {
 
 
 MODELS = ("homography", "affine")
+DIRECTIONS = ("query_to_candidate", "candidate_to_query")
 
 
 def homography_inliers(p0: np.ndarray, p1: np.ndarray, method: str, threshold: float, max_iters: int,
@@ -48,7 +49,11 @@ def homography_inliers(p0: np.ndarray, p1: np.ndarray, method: str, threshold: f
 
 class RansacInliers(Scorer):
     default_conf = {"method": "ransac", "threshold": 24.0, "max_iters": 2000, "confidence": 0.995, "seed": 0,
-                    "model": "homography"}
+                    "model": "homography",
+                    "min_matches": None,  # score 0 below this many matches (DELG: 4); None: the model's minimum
+                    # fit query -> candidate (threshold in candidate pixels), or candidate -> query with the
+                    # matches in candidate order (Patch-NetVLAD's local_matcher.py)
+                    "direction": "query_to_candidate"}
 
     def __init__(self, conf=None):
         super().__init__(conf)
@@ -56,12 +61,24 @@ class RansacInliers(Scorer):
             raise ValueError(f"ransac: unknown method {self.conf['method']!r}; choose from {sorted(METHODS)}")
         if self.conf["model"] not in MODELS:
             raise ValueError(f"ransac: unknown model {self.conf['model']!r}; choose from {list(MODELS)}")
+        if self.conf["direction"] not in DIRECTIONS:
+            raise ValueError(f"ransac: direction must be one of {DIRECTIONS}, got {self.conf['direction']!r}")
+
+    def inliers(self, kq, kc, matches, threshold) -> int:
+        c_ = self.conf
+        if c_["direction"] == "candidate_to_query":
+            matches = matches[np.argsort(matches[:, 1], kind="stable")]
+            p0, p1 = kc[matches[:, 1]], kq[matches[:, 0]]
+        else:
+            p0, p1 = kq[matches[:, 0]], kc[matches[:, 1]]
+        return homography_inliers(p0, p1, c_["method"], threshold, c_["max_iters"], c_["confidence"], c_["seed"],
+                                  c_["model"])
 
     def score_pair(self, kq, kc, matches, q, c):
         c_ = self.conf
-        n = homography_inliers(kq[matches[:, 0]], kc[matches[:, 1]], c_["method"], c_["threshold"],
-                               c_["max_iters"], c_["confidence"], c_["seed"], c_["model"])
-        return np.array([float(n)])
+        if c_["min_matches"] is not None and len(matches) < c_["min_matches"]:
+            return np.array([0.0])
+        return np.array([float(self.inliers(kq, kc, matches, c_["threshold"]))])
 
 
 class MultiScaleRansac(RansacInliers):
@@ -82,8 +99,9 @@ class MultiScaleRansac(RansacInliers):
             keep = (lq[matches[:, 0]] == level) & (lc[matches[:, 1]] == level)
             m = matches[keep]
             thr = c_["thresholds"][level] if c_["thresholds"] else c_["threshold"]
-            n = homography_inliers(kq[m[:, 0]], kc[m[:, 1]], c_["method"], thr, c_["max_iters"], c_["confidence"],
-                                   c_["seed"], c_["model"])
+            if c_["min_matches"] is not None and len(m) < c_["min_matches"]:
+                continue
+            n = self.inliers(kq, kc, m, thr)
             out[level] = n / max(1, int((lq == level).sum()))
         return out
 
