@@ -7,6 +7,9 @@ with them. This checks the plumbing of each method (extraction or image loading,
 matching / pair scoring, scoring, results), not its recalls.
 """
 
+import json
+
+import h5py
 import pandas as pd
 import pytest
 import yaml
@@ -19,13 +22,17 @@ LOCAL = {
     "d2net": {"name": "d2net", "weights": f"{RW}/d2net_seed0.pth"},
     "delg": {"name": "delg", "weights": f"{RW}/delg_seed0.pth"},
     "transvpr": {"name": "transvpr", "weights": f"{RW}/transvpr_seed0.pth", "resize": [96, 128]},
+    "patchnetvlad": {"name": "patchnetvlad", "weights": f"{RW}/patchnetvlad_seed0.pth", "resize": [128, 160]},
 }
 MATCHERS = {
     "mnn": {"name": "mnn"},
     "mnn_dot": {"name": "mnn", "similarity": "dot"},
+    "mnn_by_level": {"name": "mnn", "by_level": True},
     "delg_nn": {"name": "mnn", "mutual": False, "max_distance": 1.0},
     "rrt": {"name": "rrt", "weights": f"{RW}/rrt-delg512_seed0.pth", "num_global_features": 512,
             "num_local_features": 512},
+    # random LoFTR weights give confidences far below the trained model's 0.2 threshold
+    "loftr": {"name": "loftr", "weights": f"{RW}/loftr_seed0.pth", "resize": 128, "match_threshold": 0.0},
     "cvnet": {"name": "cvnet", "weights": f"{RW}/cvnet_seed0.pth", "resize": 128, "batch_size": 3},
 }
 SCORERS = {
@@ -33,6 +40,9 @@ SCORERS = {
     "ransac_affine": {"name": "ransac", "model": "affine", "threshold": 20, "max_iters": 1000, "seed": 0,
                       "min_matches": 4},
     "rrt_score": {"name": "pair_score"},
+    "pnv_ransac": {"name": "multiscale_ransac", "threshold": 24, "thresholds": [24, 24, 24], "min_matches": 4,
+                   "weights": [0.45, 0.15, 0.4], "direction": "candidate_to_query", "seed": 0},
+    "pnv_rss": {"name": "rapid_spatial", "cell_size": 16, "weights": [0.45, 0.15, 0.4]},
     "cvnet_score": {"name": "pair_score", "model_weight": 0.5, "global_weight": 1.0},
 }
 METHODS = {
@@ -40,6 +50,9 @@ METHODS = {
     "delg_ransac": {"features": "delg", "matcher": "delg_nn", "scorer": "ransac_affine"},
     "delg_rrt": {"features": "delg", "matcher": "rrt", "scorer": "rrt_score"},
     "transvpr_ransac": {"features": "transvpr", "matcher": "mnn_dot", "scorer": "ransac"},
+    "patchnetvlad_ransac": {"features": "patchnetvlad", "matcher": "mnn_by_level", "scorer": "pnv_ransac"},
+    "patchnetvlad_rapid": {"features": "patchnetvlad", "matcher": "mnn_by_level", "scorer": "pnv_rss"},
+    "loftr": {"features": None, "matcher": "loftr", "scorer": "ransac"},
     "cvnet": {"features": None, "matcher": "cvnet", "scorer": "cvnet_score"},
 }
 K = 3
@@ -74,6 +87,12 @@ def test_method_runs_and_is_labelled_random(project, method):
     for n in (1, 3, 5):
         assert 0 <= rr[f"R@{n}"] <= 100
     assert rr["R@5"] == base["R@5"] and rr["R@3"] == base["R@3"]  # re-ranking the top 3 keeps the top-3 set
+    c = METHODS[method]
+    matches = wd / "work" / "tiny" / "matches" / "vlad_sift" / f"{c['features'] or 'images'}+{c['matcher']}.h5"
+    info = json.loads(h5py.File(matches, "r").attrs["info"])
+    assert info["kind"] in ("matches", "points", "pair_score") and info["k"] == K
+    if info["kind"] != "pair_score":  # the geometric scorers had correspondences to work on
+        assert info["mean_matches"] > 0, info
 
 
 def test_random_methods_stay_out_of_the_default_target_and_reruns_are_noops(project):
