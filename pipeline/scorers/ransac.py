@@ -31,8 +31,14 @@ DIRECTIONS = ("query_to_candidate", "candidate_to_query")
 def homography_inliers(p0: np.ndarray, p1: np.ndarray, method: str, threshold: float, max_iters: int,
                        confidence: float, seed: int, model: str = "homography") -> int:
     """Inliers of a homography (or affine map) fitted to ``p0 -> p1`` (0 below 4 / 3 points)."""
+    return int(inlier_mask(p0, p1, method, threshold, max_iters, confidence, seed, model).sum())
+
+
+def inlier_mask(p0: np.ndarray, p1: np.ndarray, method: str = "ransac", threshold: float = 24.0,
+                max_iters: int = 2000, confidence: float = 0.995, seed: int = 0, model: str = "homography") -> np.ndarray:
+    """Boolean ``[M]``: which correspondences ``p0 -> p1`` the fitted model keeps (for figures too)."""
     if len(p0) < (4 if model == "homography" else 3):
-        return 0
+        return np.zeros(len(p0), bool)
     cv2.setRNGSeed(seed)
     if model == "affine":
         _, mask = cv2.estimateAffine2D(
@@ -44,7 +50,7 @@ def homography_inliers(p0: np.ndarray, p1: np.ndarray, method: str, threshold: f
             p0.astype(np.float64), p1.astype(np.float64), METHODS[method], threshold,
             maxIters=max_iters, confidence=confidence,
         )
-    return 0 if mask is None else int(mask.sum())
+    return np.zeros(len(p0), bool) if mask is None else mask.ravel().astype(bool)
 
 
 class RansacInliers(Scorer):
