@@ -1,6 +1,7 @@
 # VG re-ranking pipeline. Usage:
 #   snakemake --cores 2                                  # everything config.yaml describes
 #   snakemake --cores 8 results/{dataset}/{method}.csv   # one results table
+#   snakemake --cores 2 reports                          # results/report/index.html
 # Every stage is materialised under work_dir; see README.md.
 
 from snakemake.utils import min_version, validate
@@ -18,6 +19,7 @@ include: "workflow/rules/datasets.smk"
 include: "workflow/rules/global.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/rerank.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -160,6 +160,13 @@ def cmd_random_weights(a):
     print(write_random(model, a.out, seed))
 
 
+def cmd_report(a):
+    from .reports.html import build_report
+
+    build_report(a.spec, a.out)
+    print(f"{a.out}/index.html")
+
+
 def _add_result_args(s: argparse.ArgumentParser) -> None:
     """The options of the subcommands that write a results CSV."""
     s.add_argument("--out", required=True)
@@ -274,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_random_weights)
+
+    s = sub.add_parser("report", help="HTML report: tables, recall vs time / K, qualitative figures")
+    s.add_argument("--spec", type=_json, required=True, help="what to report (JSON; see pipeline/reports/html.py)")
+    s.add_argument("--out", required=True, help="output folder (index.html, one page per dataset)")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("evaluate", help="print Recall@N of top-k files", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)

@@ -106,6 +106,14 @@ def read_topk(path) -> TopK:
             raise TopKFormatError(f"{path}: {e}") from None
 
 
+def read_extra(path, key: str) -> np.ndarray:
+    """An extra dataset written by :func:`write_topk` (e.g. ``rerank_scores``)."""
+    with h5py.File(path, "r") as f:
+        if key not in f:
+            raise TopKFormatError(f"{path}: has no {key!r} dataset (has {sorted(f.keys())})")
+        return f[key][:]
+
+
 def import_topk(src, dst, k: int | None = None) -> TopK:
     """Validate an external top-k file (e.g. the thesis's stage-1 output) and store it.
 

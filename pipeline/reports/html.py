@@ -1,0 +1,149 @@
+"""A static HTML report, one page per dataset, viewable offline (relative links only).
+
+:func:`build_report` takes a spec (what Snakemake knows: results files, top-k files,
+feature stores, matches and scorer confs per re-ranking method) and writes under
+``out_dir``:
+
+- ``index.html``: the thesis's Table 4.1 over every dataset and method, links to the pages;
+- ``summary.{csv,md,html}``, ``summary_table.csv`` (:mod:`pipeline.reports.summary`);
+- ``{dataset}/index.html`` with the recall-vs-time and recall-vs-K plots (PNG, SVG and the
+  CSV of their numbers) and per re-ranking method the qualitative figures
+  (:mod:`pipeline.reports.qualitative`: keypoints, matches before / after RANSAC,
+  prediction strips).
+
+Spec (JSON)::
+
+    {"threshold_m": 25, "n_queries": 4,
+     "datasets": {"demo": {"root": "data/demo", "index_dir": "work/demo/index",
+                           "results": ["results/demo/vlad_sift.csv", ...],
+                           "methods": {"sift_ransac": {"retrieval_topk": ..., "reranked_topk": ...,
+                                                       "features": ... or null, "matches": ...,
+                                                       "scorer": {...}}}}}}
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+from pathlib import Path
+
+from ..io import atomic_path, write_json
+from . import plots, summary
+
+logger = logging.getLogger(__name__)
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; max-width: 1200px; }
+table { border-collapse: collapse; margin: 1em 0; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+tr.random td { color: #999; font-style: italic; }
+figure { display: inline-block; margin: 1em; vertical-align: top; }
+figcaption { font-size: 0.9em; color: #444; max-width: 640px; }
+img { max-width: 640px; border: 1px solid #ddd; }
+"""
+
+
+def _page(title: str, body: str) -> str:
+    e = html.escape
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
+            f"<style>{STYLE}</style></head>\n<body>\n<h1>{e(title)}</h1>\n{body}\n</body></html>\n")
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _figure(page_dir: Path, png: str, caption: str, extra_links: dict[str, str] | None = None) -> str:
+    rel = os.path.relpath(png, page_dir)
+    links = " ".join(f'<a href="{html.escape(os.path.relpath(p, page_dir))}">{html.escape(k)}</a>'
+                     for k, p in (extra_links or {}).items())
+    return (f'<figure><img src="{html.escape(rel)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)} {links}</figcaption></figure>")
+
+
+def dataset_page(name: str, ds: dict, out_dir: Path, threshold_m: float, n_queries: int) -> dict:
+    """Write ``out_dir/{name}/index.html`` and its figures; return what was written."""
+    page_dir = out_dir / name
+    page_dir.mkdir(parents=True, exist_ok=True)
+    results = summary.read_results(ds["results"])
+    blocks = [f'<p><a href="../index.html">all datasets</a></p>',
+              "<h2>Recalls</h2>",
+              summary.to_html(summary.summary_table(results), summary.upper_bounds(results))]
+    written = {}
+    t = plots.recall_vs_time(results, name, page_dir / "recall_vs_time")
+    written["recall_vs_time"] = t
+    blocks += ["<h2>Recall vs time</h2>", _figure(
+        page_dir, t["figures"][0], "R@1 against re-ranking time per query (extraction of the query and its K "
+        "candidates + matching + scoring); dashed: retrieval", {"SVG": t["figures"][1], "data (CSV)": t["csv"]})]
+    methods = ds.get("methods", {})
+    curves = {}
+    for m, c in sorted(methods.items()):
+        curves[m] = plots.recall_at_1_by_k(c["retrieval_topk"], c["reranked_topk"], threshold_m, _positions(ds))
+    if curves:
+        k = plots.recall_vs_k(curves, name, page_dir / "recall_vs_k")
+        written["recall_vs_k"] = k
+        blocks += ["<h2>Recall vs number of re-ranked candidates</h2>", _figure(
+            page_dir, k["figures"][0], "R@1 when re-ranking the first K candidates; dashed: retrieval R@K "
+            "(upper bound)", {"SVG": k["figures"][1], "data (CSV)": k["csv"]})]
+    if methods and ds.get("root"):
+        from .qualitative import qualitative_report
+        from ..rerank import NameResolver
+
+        resolve = NameResolver(ds["root"], ds.get("index_dir"))
+        blocks.append("<h2>Qualitative examples</h2>")
+        for m, c in sorted(methods.items()):
+            q = qualitative_report(
+                ds["root"], c["retrieval_topk"], c["reranked_topk"], page_dir / m, threshold_m=threshold_m,
+                n_queries=n_queries, features=c.get("features"), matches=c.get("matches"),
+                scorer_conf=c.get("scorer"), resolve=resolve, index_dir=ds.get("index_dir"))
+            written[f"qualitative/{m}"] = q
+            blocks.append(f"<h3>{html.escape(m)}</h3>")
+            for item in q.get("figures", []):
+                png = page_dir / m / item["png"]
+                links = {"data (CSV)": str(page_dir / m / item["csv"])} if item.get("csv") else {}
+                blocks.append(_figure(page_dir, str(png), item.get("caption", ""), links))
+    _write(page_dir / "index.html", _page(f"{name}: re-ranking report", "\n".join(blocks)))
+    return written
+
+
+def _positions(ds: dict):
+    if not ds.get("index_dir"):
+        return None
+    from ..evaluate import index_positions
+
+    try:
+        return index_positions(ds["index_dir"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def build_report(spec: dict, out_dir) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threshold = float(spec.get("threshold_m", 25.0))
+    n_queries = int(spec.get("n_queries", 4))
+    datasets = spec.get("datasets", {})
+    all_results = [p for ds in datasets.values() for p in ds["results"]]
+    written = {"summary": summary.write_summary(all_results, out_dir)}
+    df = summary.read_results(all_results)
+    links = []
+    for name, ds in sorted(datasets.items()):
+        logger.info("report: %s", name)
+        written[name] = dataset_page(name, ds, out_dir, threshold, n_queries)
+        links.append(f'<li><a href="{html.escape(name)}/index.html">{html.escape(name)}</a></li>')
+    body = ("<h2>Recall@N per dataset (the thesis's Table 4.1)</h2>"
+            + summary.to_html(summary.summary_table(df), summary.upper_bounds(df))
+            + '<p><a href="summary.md">Markdown</a> · <a href="summary_table.csv">CSV</a> · '
+              '<a href="summary.csv">all rows (CSV)</a></p>'
+            + "<h2>Datasets</h2><ul>" + "".join(links) + "</ul>")
+    _write(out_dir / "index.html", _page("VG re-ranking report", body))
+    write_json(out_dir / "manifest.json", written)
+    return written
+
+
+def main_spec(path) -> dict:
+    return json.loads(Path(path).read_text())

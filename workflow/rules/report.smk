@@ -1,0 +1,57 @@
+# Reports: the thesis's table, trade-off plots and qualitative figures as a static HTML site.
+#   snakemake --cores 2 reports        -> results/report/index.html
+
+
+def report_methods(dataset):
+    """Re-ranking methods of the default target on this dataset (random checkpoints excluded)."""
+    return [m for m in RERANK if rerank_available(dataset, m) and not method_random_weights(m)]
+
+
+def report_spec():
+    datasets = {}
+    for d in DATASETS:
+        results = [f"{RESULTS}/{d}/{m}.csv" for m in GMETHODS if available(d, m)]
+        results += [f"{RESULTS}/{d}/{m}.csv" for m in report_methods(d)]
+        if not results:
+            continue
+        methods = {}
+        for m in report_methods(d):
+            c = RERANK[m]
+            methods[m] = {
+                "retrieval_topk": topk_file(d, c["retrieval"]),
+                "reranked_topk": f"{WORK}/{d}/rerank/{m}.h5",
+                "features": f"{WORK}/{d}/local/{c['features']}.json" if c["features"] else None,
+                "matches": f"{WORK}/{d}/matches/{c['retrieval']}/{features_part(c)}+{c['matcher']}.h5",
+                "scorer": config["scorers"][c["scorer"]],
+            }
+        root = DATASETS[d].get("root")
+        datasets[d] = {"root": root, "index_dir": f"{WORK}/{d}/index" if root else None,
+                       "results": results, "methods": methods}
+    return {"threshold_m": config["evaluation"]["threshold_m"], "n_queries": 4, "datasets": datasets}
+
+
+def report_inputs(wildcards):
+    spec = report_spec()
+    files = []
+    for ds in spec["datasets"].values():
+        files += ds["results"]
+        for c in ds["methods"].values():
+            files += [p for p in (c["retrieval_topk"], c["reranked_topk"], c["features"], c["matches"]) if p]
+    return sorted(set(files))
+
+
+rule reports:
+    """results/report/: summary tables, recall vs time, recall vs K, qualitative figures (HTML)."""
+    input:
+        report_inputs,
+    output:
+        f"{RESULTS}/report/index.html",
+    params:
+        spec=lambda w: json.dumps(report_spec(), sort_keys=True),
+        out=f"{RESULTS}/report",
+    log:
+        f"{WORK}/logs/reports.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} report --spec {params.spec:q} --out {params.out:q} 2> {log:q}"
