@@ -46,10 +46,22 @@ img { max-width: 640px; border: 1px solid #ddd; }
 """
 
 
+#: marks every image once the page has loaded (data-loaded="1" when it decoded), so a
+#: headless browser's DOM dump tells whether the page rendered its figures
+CHECK = """<script>
+window.addEventListener("load", function () {
+  document.querySelectorAll("img").forEach(function (im) {
+    im.setAttribute("data-loaded", im.complete && im.naturalWidth > 0 ? "1" : "0");
+  });
+  document.body.setAttribute("data-rendered", "1");
+});
+</script>"""
+
+
 def _page(title: str, body: str) -> str:
     e = html.escape
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
-            f"<style>{STYLE}</style></head>\n<body>\n<h1>{e(title)}</h1>\n{body}\n</body></html>\n")
+            f"<style>{STYLE}</style>{CHECK}</head>\n<body>\n<h1>{e(title)}</h1>\n{body}\n</body></html>\n")
 
 
 def _write(path: Path, text: str) -> None:
