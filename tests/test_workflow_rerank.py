@@ -84,3 +84,47 @@ def test_scorer_change_reruns_only_scoring(project):
     code, out = snakemake(wd, "-n")
     assert code == 0, out
     assert job_counts(out) == {"score": 1, "rerank_results": 1}, out
+
+
+def _browser():
+    import shutil
+
+    return shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+def test_reports_target_builds_the_html_report(project):
+    import re
+    import subprocess
+
+    wd, _ = project
+    code, out = snakemake(wd, "reports")
+    assert code == 0, out
+    report = wd / "results" / "report"
+    pages = sorted(report.rglob("*.html"))
+    assert report / "index.html" in pages and report / "syn" / "index.html" in pages
+    for page in pages:  # every image a page references exists
+        for src in re.findall(r'<img src="([^"]+)"', page.read_text()):
+            assert (page.parent / src).is_file(), (page, src)
+    # the numbers behind the plots are the pipeline's results
+    res = {m: pd.read_csv(wd / "results" / "syn" / f"{m}.csv").iloc[1] for m in ("sift_ransac", "sift_count")}
+    t = pd.read_csv(report / "syn" / "recall_vs_time.csv").set_index("method")
+    for m, r in res.items():
+        assert t.loc[m, "R@1"] == pytest.approx(r["R@1"], abs=0.01)
+        assert t.loc[m, "seconds_per_query"] == pytest.approx(r.rerank_s_per_query, abs=0.01)
+    curves = pd.read_csv(report / "syn" / "recall_vs_k.csv")
+    for m, k in (("sift_ransac", 20), ("sift_count", 10)):
+        c = curves[curves.method == m].set_index("K")
+        assert c.index.max() == k
+        assert c.loc[k, "reranked_R@1"] == pytest.approx(res[m]["R@1"], abs=0.01)  # replaying K = the run
+        assert c.loc[1, "reranked_R@1"] == pytest.approx(c.loc[1, "retrieval_R@1"])  # K=1 changes nothing
+    table = pd.read_csv(report / "summary_table.csv").set_index("method")
+    assert table.loc["sift_ransac", "syn R@1"] == pytest.approx(res["sift_ransac"]["R@1"], abs=0.01)
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no headless Chromium (CI installs chromium-headless-shell)")
+    for page in (report / "index.html", report / "syn" / "index.html"):
+        dom = subprocess.run([browser, "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                             capture_output=True, text=True, timeout=120).stdout
+        assert 'data-rendered="1"' in dom, dom[:500]
+        assert 'data-loaded="0"' not in dom  # every figure decoded in the browser
+    assert 'data-loaded="1"' in dom

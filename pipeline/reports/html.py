@@ -82,7 +82,7 @@ def dataset_page(name: str, ds: dict, out_dir: Path, threshold_m: float, n_queri
     page_dir = out_dir / name
     page_dir.mkdir(parents=True, exist_ok=True)
     results = summary.read_results(ds["results"])
-    blocks = [f'<p><a href="../index.html">all datasets</a></p>',
+    blocks = ['<p><a href="../index.html">all datasets</a></p>',
               "<h2>Recalls</h2>",
               summary.to_html(summary.summary_table(results), summary.upper_bounds(results))]
     written = {}
@@ -102,8 +102,8 @@ def dataset_page(name: str, ds: dict, out_dir: Path, threshold_m: float, n_queri
             page_dir, k["figures"][0], "R@1 when re-ranking the first K candidates; dashed: retrieval R@K "
             "(upper bound)", {"SVG": k["figures"][1], "data (CSV)": k["csv"]})]
     if methods and ds.get("root"):
-        from .qualitative import qualitative_report
         from ..rerank import NameResolver
+        from .qualitative import qualitative_report
 
         resolve = NameResolver(ds["root"], ds.get("index_dir"))
         blocks.append("<h2>Qualitative examples</h2>")
