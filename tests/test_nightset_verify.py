@@ -51,7 +51,7 @@ def test_verify_keeps_queries_near_the_database(build):
     d = candidate_distances(t)
     assert d[0, 0] == pytest.approx(3.0, abs=0.05) and d[1, 0] == pytest.approx(12.0, abs=0.05)
     # a re-run replaces the queries folder
-    verify(tmp / "labels.csv", tmp / "photos", root, tmp / "index", tmp / "out", 5.0)
+    verify(tmp / "labels.csv", tmp / "photos", root, tmp / "index", tmp / "out", 2.5)  # only the photo 2 m from db1
     assert len(list((tmp / "out" / "queries").iterdir())) == 1
 
 
