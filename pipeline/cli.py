@@ -167,6 +167,19 @@ def cmd_report(a):
     print(f"{a.out}/index.html")
 
 
+def cmd_nightset_collect(a):
+    from .nightset.collect import run_args
+
+    print(json.dumps({k: v for k, v in run_args(a).items() if k != "failed"}, indent=2, default=str))
+
+
+def cmd_nightset_verify(a):
+    from .nightset.verify import stage_counts, verify
+
+    counts = verify(a.labels, a.photos, a.db_root, a.db_index, a.out, a.threshold, stage_counts(a.build))
+    print(json.dumps(counts, indent=2))
+
+
 def _add_result_args(s: argparse.ArgumentParser) -> None:
     """The options of the subcommands that write a results CSV."""
     s.add_argument("--out", required=True)
@@ -286,6 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", type=_json, required=True, help="what to report (JSON; see pipeline/reports/html.py)")
     s.add_argument("--out", required=True, help="output folder (index.html, one page per dataset)")
     s.set_defaults(func=cmd_report)
+
+    from .nightset.collect import add_arguments as collect_arguments
+
+    s = sub.add_parser("nightset-collect", help="night set 1/5: geotagged Flickr photos of an area")
+    collect_arguments(s)
+    s.set_defaults(func=cmd_nightset_collect)
+
+    s = sub.add_parser("nightset-verify", help="night set 5/5: queries with a database image within the threshold")
+    s.add_argument("--labels", required=True, help="relabel/labels.csv (or dedup.csv: photo_id, file, lat, lon)")
+    s.add_argument("--photos", required=True, help="folder the labels' 'file' column is relative to")
+    s.add_argument("--db-root", required=True, help="the database's dataset root (holds database/)")
+    s.add_argument("--db-index", required=True, help="its index tables (work/<dataset>/index)")
+    s.add_argument("--build", required=True, help="the build folder (for the counts of earlier stages)")
+    s.add_argument("--out", required=True, help="output dataset root (queries/, database link, counts.json)")
+    s.add_argument("--threshold", type=float, default=25.0)
+    s.set_defaults(func=cmd_nightset_verify)
 
     s = sub.add_parser("evaluate", help="print Recall@N of top-k files", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
