@@ -306,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     collect_arguments(s)
     s.set_defaults(func=cmd_nightset_collect)
 
+    from .nightset import relabel
+
+    s = sub.add_parser("nightset-relabel", help="night set 4/5: review photo positions in a local web page")
+    relabel.add_arguments(s)
+    s.set_defaults(func=lambda a: relabel.run(a))
+
     s = sub.add_parser("nightset-verify", help="night set 5/5: queries with a database image within the threshold")
     s.add_argument("--labels", required=True, help="relabel/labels.csv (or dedup.csv: photo_id, file, lat, lon)")
     s.add_argument("--photos", required=True, help="folder the labels' 'file' column is relative to")
