@@ -27,6 +27,7 @@ from .io import atomic_path, write_json
 MODELS: dict[str, str | tuple[str, dict]] = {
     "d2net": "pipeline.local_features.d2net",
     "delg": "pipeline.local_features.delg",
+    "delg_tf": "pipeline.local_features.delg_tf",  # a SavedModel variables folder
     "patchnetvlad": "pipeline.local_features.patchnetvlad",
     "transvpr": "pipeline.local_features.transvpr",
     "rrt": "pipeline.matchers.rrt",  # the released sizes: TF DELG's 2048-d global, 128-d local
@@ -36,7 +37,7 @@ MODELS: dict[str, str | tuple[str, dict]] = {
     "superglue": "pipeline.matchers.superglue",
 }
 SUFFIX = ".random.json"
-NAME = re.compile(r"(?P<model>[a-z0-9-]+)_seed(?P<seed>\d+)\.[a-z.]+$")
+NAME = re.compile(r"(?P<model>[a-z0-9_-]+?)_seed(?P<seed>\d+)(\.[a-z.]+)?")
 WEIGHT_KEYS = ("weights", "checkpoint")
 
 
@@ -57,9 +58,9 @@ def write_random(model: str, path, seed: int = 0) -> Path:
 
 def parse_name(path) -> tuple[str, int]:
     """``d2net_seed0.pth`` -> ``("d2net", 0)``."""
-    m = NAME.search(Path(path).name)
+    m = NAME.fullmatch(Path(path).name)
     if not m:
-        raise ValueError(f"{path}: random checkpoints are named <model>_seed<N>.pth")
+        raise ValueError(f"{path}: random checkpoints are named <model>_seed<N>.pth (a folder: <model>_seed<N>)")
     return m["model"], int(m["seed"])
 
 

@@ -20,7 +20,8 @@ from .test_workflow import METHOD, job_counts, snakemake
 RW = "work/random_weights"
 LOCAL = {
     "d2net": {"name": "d2net", "weights": f"{RW}/d2net_seed0.pth"},
-    "delg": {"name": "delg", "weights": f"{RW}/delg_seed0.pth"},
+    "delg": {"name": "delg_tf", "weights": f"{RW}/delg_tf_seed0"},  # a SavedModel variables folder
+    "delg_pt": {"name": "delg", "weights": f"{RW}/delg_seed0.pth"},
     "transvpr": {"name": "transvpr", "weights": f"{RW}/transvpr_seed0.pth", "resize": [96, 128]},
     "patchnetvlad": {"name": "patchnetvlad", "weights": f"{RW}/patchnetvlad_seed0.pth", "resize": [128, 160]},
 }
@@ -29,8 +30,9 @@ MATCHERS = {
     "mnn_dot": {"name": "mnn", "similarity": "dot"},
     "mnn_by_level": {"name": "mnn", "by_level": True},
     "delg_nn": {"name": "mnn", "mutual": False, "max_distance": 1.0},
-    "rrt": {"name": "rrt", "weights": f"{RW}/rrt-delg512_seed0.pth", "num_global_features": 512,
-            "num_local_features": 512},
+    "rrt": {"name": "rrt", "weights": f"{RW}/rrt_seed0.pth"},
+    "rrt512": {"name": "rrt", "weights": f"{RW}/rrt-delg512_seed0.pth", "num_global_features": 512,
+               "num_local_features": 512},
     # random LoFTR weights give confidences far below the trained model's 0.2 threshold
     "loftr": {"name": "loftr", "weights": f"{RW}/loftr_seed0.pth", "resize": 128, "match_threshold": 0.0},
     "cvnet": {"name": "cvnet", "weights": f"{RW}/cvnet_seed0.pth", "resize": 128, "batch_size": 3},
@@ -49,6 +51,7 @@ METHODS = {
     "d2net_ransac": {"features": "d2net", "matcher": "mnn", "scorer": "ransac"},
     "delg_ransac": {"features": "delg", "matcher": "delg_nn", "scorer": "ransac_affine"},
     "delg_rrt": {"features": "delg", "matcher": "rrt", "scorer": "rrt_score"},
+    "delg_pt_rrt": {"features": "delg_pt", "matcher": "rrt512", "scorer": "rrt_score"},
     "transvpr_ransac": {"features": "transvpr", "matcher": "mnn_dot", "scorer": "ransac"},
     "patchnetvlad_ransac": {"features": "patchnetvlad", "matcher": "mnn_by_level", "scorer": "pnv_ransac"},
     "patchnetvlad_rapid": {"features": "patchnetvlad", "matcher": "mnn_by_level", "scorer": "pnv_rss"},

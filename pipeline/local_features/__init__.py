@@ -18,6 +18,7 @@ MODELS = {
     "xfeat": ("pipeline.local_features.xfeat", "XFeat"),
     "d2net": ("pipeline.local_features.d2net", "D2Net"),
     "delg": ("pipeline.local_features.delg", "DELG"),
+    "delg_tf": ("pipeline.local_features.delg_tf", "DELGTF"),
     "patchnetvlad": ("pipeline.local_features.patchnetvlad", "PatchNetVLAD"),
     "transvpr": ("pipeline.local_features.transvpr", "TransVPR"),
 }

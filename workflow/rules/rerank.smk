@@ -207,3 +207,17 @@ rule random_weights:
         CONDA_ENV
     shell:
         "{PY} random-weights --out {output:q} 2> {log:q}"
+
+
+rule random_weights_folder:
+    """The same for models whose official format is a folder (DELG's TF SavedModel variables)."""
+    output:
+        directory(f"{WORK}/random_weights/{{model}}_seed{{seed}}"),
+    wildcard_constraints:
+        seed=r"\d+",
+    log:
+        f"{WORK}/logs/random_weights_{{model}}_seed{{seed}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} random-weights --out {output:q} 2> {log:q}"
