@@ -20,6 +20,7 @@ include: "workflow/rules/global.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/rerank.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/nightset.smk"
 
 
 rule all:

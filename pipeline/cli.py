@@ -173,6 +173,20 @@ def cmd_nightset_collect(a):
     print(json.dumps({k: v for k, v in run_args(a).items() if k != "failed"}, indent=2, default=str))
 
 
+def cmd_nightset_filter(a):
+    from .nightset.classify import main as classify_main
+
+    if classify_main(a.rest):
+        raise RuntimeError("nightset-filter failed (see the log above)")
+
+
+def cmd_nightset_dedupe(a):
+    from .nightset.dedupe import main as dedupe_main
+
+    if dedupe_main(a.rest):
+        raise RuntimeError("nightset-dedupe failed (see the log above)")
+
+
 def cmd_nightset_verify(a):
     from .nightset.verify import stage_counts, verify
 
@@ -306,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     collect_arguments(s)
     s.set_defaults(func=cmd_nightset_collect)
 
+    s = sub.add_parser("nightset-filter", add_help=False,
+                       help="night set 2/5: outdoor + night classifiers (filter), training (train, fit)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_nightset_filter)
+
+    s = sub.add_parser("nightset-dedupe", add_help=False, help="night set 3/5: drop near-identical shots")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_nightset_dedupe)
+
     from .nightset import relabel
 
     s = sub.add_parser("nightset-relabel", help="night set 4/5: review photo positions in a local web page")
@@ -335,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a, extra = parser.parse_known_args(argv)
+    if hasattr(a, "rest"):  # pass-through subcommands: their own parser reads the rest
+        a.rest = [x for x in a.rest if x != "--"] + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",

@@ -73,7 +73,21 @@ def check_config(config: dict) -> dict:
         check_method_kinds(name, method, config)
         if method["k"] > config["retrieval"]["k"]:
             raise ConfigError(f"rerank_methods.{name}.k={method['k']} exceeds retrieval.k={config['retrieval']['k']}")
+    for name, ns in config.get("nightsets", {}).items():
+        db = config["datasets"].get(ns["database"])
+        if db is None or not db.get("root") or db.get("nightset"):
+            raise ConfigError(f"nightsets.{name}.database is {ns['database']!r}: it must be a dataset with a root "
+                              "(whose database images verify the night queries)")
+        lon0, lat0, lon1, lat1 = ns["bbox"]
+        if not (-180 <= lon0 < lon1 <= 180 and -90 <= lat0 < lat1 <= 90):
+            raise ConfigError(f"nightsets.{name}.bbox {ns['bbox']} is not [min_lon, min_lat, max_lon, max_lat]")
     for name, ds in config["datasets"].items():
+        if ds.get("nightset"):
+            if ds["nightset"] not in config.get("nightsets", {}):
+                raise ConfigError(f"datasets.{name}.nightset is {ds['nightset']!r}, which is not under nightsets")
+            if ds.get("root") or ds.get("synthetic") is not None:
+                raise ConfigError(f"datasets.{name}: a nightset dataset gets its root from the workflow; drop root/synthetic")
+            ds["root"] = f"{config.get('work_dir', 'work')}/nightsets/{ds['nightset']}/dataset"
         if ds.get("synthetic") is not None and not ds.get("root"):
             raise ConfigError(f"datasets.{name}: a synthetic dataset needs a root to be generated into")
     return config

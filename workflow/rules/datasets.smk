@@ -5,6 +5,8 @@ def dataset_ready(wildcards):
     """The synthetic dataset's marker (so it is generated first) and the positions CSV, if any."""
     ds = DATASETS[wildcards.dataset]
     ready = [f"{ds['root']}/synthetic.json"] if ds.get("synthetic") is not None else []
+    if ds.get("nightset"):  # a verified night query set: built by workflow/rules/nightset.smk
+        ready.append(f"{WORK}/nightsets/{ds['nightset']}/dataset/counts.json")
     return ready + ([ds["positions"]] if ds.get("positions") else [])
 
 

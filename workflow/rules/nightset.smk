@@ -1,0 +1,129 @@
+# Night query sets (the thesis's SF-XL test night): collect -> filter -> dedupe -> labels -> verify.
+#   snakemake --cores 2 work/nightsets/{name}/dataset/counts.json
+# A dataset entry `{nightset: name}` evaluates the verified set like any other dataset.
+# Relabelling is interactive: `python -m pipeline nightset-relabel ...` (see README); the
+# labels rule replays its decision log, so re-running the workflow picks up new decisions.
+
+NIGHTSETS = config.get("nightsets", {})
+
+
+def nbuild(w):
+    return f"{WORK}/nightsets/{w.nightset}"
+
+
+def ns_db_root(w):
+    return DATASETS[NIGHTSETS[w.nightset]["database"]]["root"]
+
+
+def collect_args(w):
+    ns = NIGHTSETS[w.nightset]
+    args = [f"--bbox={','.join(str(x) for x in ns['bbox'])}", "--no-progress"]
+    for key, value in sorted(ns.get("collect", {}).items()):
+        if value is not None:
+            args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+    return " ".join(args)
+
+
+def relabel_log(w):
+    log = f"{WORK}/nightsets/{w.nightset}/relabel/log.jsonl"
+    return [log] if os.path.exists(log) else []
+
+
+rule nightset_collect:
+    """Geotagged photos of the area (Flickr photos.search; FLICKR_API_KEY from the environment)."""
+    output:
+        f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
+    params:
+        build=nbuild,
+        args=collect_args,
+    log:
+        f"{WORK}/logs/nightset_collect_{{nightset}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} nightset-collect --build {params.build:q} {params.args} 2> {log:q}"
+
+
+rule nightset_filter:
+    """Outdoor and night classifiers -> filtered.csv."""
+    input:
+        f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
+    output:
+        f"{WORK}/nightsets/{{nightset}}/filtered.csv",
+    params:
+        src=lambda w: f"{nbuild(w)}/collected",
+        args=lambda w: " ".join(
+            f"--{k.replace('_', '-')} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}"
+            for k, v in sorted(NIGHTSETS[w.nightset].get("filter", {}).items())
+        ),
+    log:
+        f"{WORK}/logs/nightset_filter_{{nightset}}.log",
+    threads: 2
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} nightset-filter filter --src {params.src:q} --out {output:q} --workers {threads} {params.args} 2> {log:q}"
+
+
+rule nightset_dedupe:
+    """Near-identical shots of the same place -> dedup.csv (one kept per group)."""
+    input:
+        photos=f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
+        filtered=f"{WORK}/nightsets/{{nightset}}/filtered.csv",
+    output:
+        f"{WORK}/nightsets/{{nightset}}/dedup.csv",
+    params:
+        src=lambda w: f"{nbuild(w)}/collected",
+        conf=lambda w: json.dumps(NIGHTSETS[w.nightset].get("dedupe", {}), sort_keys=True),
+    log:
+        f"{WORK}/logs/nightset_dedupe_{{nightset}}.log",
+    threads: 2
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} nightset-dedupe --src {params.src:q} --filtered {input.filtered:q} --out {output:q}"
+        " --conf {params.conf:q} --workers {threads} 2> {log:q}"
+
+
+rule nightset_labels:
+    """labels.csv replayed from the relabel tool's decision log (every photo unreviewed without one)."""
+    input:
+        dedup=f"{WORK}/nightsets/{{nightset}}/dedup.csv",
+        photos=f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
+        db=lambda w: f"{WORK}/{NIGHTSETS[w.nightset]['database']}/index/database.csv",
+        log=relabel_log,
+    output:
+        f"{WORK}/nightsets/{{nightset}}/relabel/labels.csv",
+    params:
+        build=nbuild,
+        db_root=ns_db_root,
+    log:
+        f"{WORK}/logs/nightset_labels_{{nightset}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} nightset-relabel --queries {input.dedup:q} --positions {input.photos:q} --photos {params.build:q}/collected"
+        " --db-root {params.db_root:q} --db-table {input.db:q} --build {params.build:q} --replay-only 2> {log:q}"
+
+
+rule nightset_verify:
+    """Queries with a database image within threshold_m, in the VG layout, and the counts of every step."""
+    input:
+        labels=f"{WORK}/nightsets/{{nightset}}/relabel/labels.csv",
+        db=lambda w: f"{WORK}/{NIGHTSETS[w.nightset]['database']}/index/summary.json",
+    output:
+        f"{WORK}/nightsets/{{nightset}}/dataset/counts.json",
+    params:
+        build=nbuild,
+        db_root=ns_db_root,
+        db_index=lambda w: f"{WORK}/{NIGHTSETS[w.nightset]['database']}/index",
+        out=lambda w: f"{nbuild(w)}/dataset",
+        threshold=lambda w: NIGHTSETS[w.nightset]["threshold_m"],
+    log:
+        f"{WORK}/logs/nightset_verify_{{nightset}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} nightset-verify --labels {input.labels:q} --photos {params.build:q}/collected --db-root {params.db_root:q}"
+        " --db-index {params.db_index:q} --build {params.build:q} --out {params.out:q}"
+        " --threshold {params.threshold} 2> {log:q}"
