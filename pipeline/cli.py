@@ -357,13 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PASSTHROUGH = ("nightset-filter", "nightset-dedupe", "evaluate")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    a, extra = parser.parse_known_args(argv)
-    if hasattr(a, "rest"):  # pass-through subcommands: their own parser reads the rest
-        a.rest = [x for x in a.rest if x != "--"] + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # pass-through subcommands: everything after the command goes to their own parser
+    cut = next((i for i, x in enumerate(argv) if x in PASSTHROUGH), None)
+    if cut is None:
+        a = parser.parse_args(argv)
+    else:
+        a = parser.parse_args(argv[: cut + 1])
+        a.rest = argv[cut + 1 :]
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",

@@ -44,10 +44,17 @@ rule nightset_collect:
         "{PY} nightset-collect --build {params.build:q} {params.args} 2> {log:q}"
 
 
+def filter_model_files(w):
+    """Classifier confs given as files (a fitted JSON conf, a trained checkpoint): inputs, so a change re-runs."""
+    values = NIGHTSETS[w.nightset].get("filter", {}).values()
+    return [v for v in values if isinstance(v, str) and v.endswith((".json", ".pt", ".pth"))]
+
+
 rule nightset_filter:
     """Outdoor and night classifiers -> filtered.csv."""
     input:
-        f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
+        photos=f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
+        models=filter_model_files,
     output:
         f"{WORK}/nightsets/{{nightset}}/filtered.csv",
     params:
