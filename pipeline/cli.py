@@ -160,6 +160,12 @@ def cmd_random_weights(a):
     print(write_random(model, a.out, seed))
 
 
+def cmd_summary(a):
+    from .reports.summary import write_summary
+
+    print(json.dumps(write_summary(a.results, a.out), indent=2))
+
+
 def cmd_report(a):
     from .reports.html import build_report
 
@@ -308,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_random_weights)
+
+    s = sub.add_parser("summary", help="the thesis's table over results CSVs (summary.csv/.md/.html)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("results", nargs="+", help="results CSVs")
+    s.set_defaults(func=cmd_summary)
 
     s = sub.add_parser("report", help="HTML report: tables, recall vs time / K, qualitative figures")
     s.add_argument("--spec", type=_json, required=True, help="what to report (JSON; see pipeline/reports/html.py)")

@@ -117,6 +117,8 @@ def test_reports_target_builds_the_html_report(project):
         assert c.index.max() == k
         assert c.loc[k, "reranked_R@1"] == pytest.approx(res[m]["R@1"], abs=0.01)  # replaying K = the run
         assert c.loc[1, "reranked_R@1"] == pytest.approx(c.loc[1, "retrieval_R@1"])  # K=1 changes nothing
+    per_dataset = pd.read_csv(wd / "results" / "syn" / "summary_table.csv").set_index("method")
+    assert set(per_dataset.index) == {"vlad_sift", "sift_ransac", "sift_count"}
     table = pd.read_csv(report / "summary_table.csv").set_index("method")
     assert table.loc["sift_ransac", "syn R@1"] == pytest.approx(res["sift_ransac"]["R@1"], abs=0.01)
     browser = _browser()

@@ -30,9 +30,32 @@ def report_spec():
     return {"threshold_m": config["evaluation"]["threshold_m"], "n_queries": 4, "datasets": datasets}
 
 
+def dataset_results(dataset):
+    return report_spec()["datasets"][dataset]["results"]
+
+
+rule dataset_summary:
+    """results/{dataset}/summary.csv (+ .md, .html): every method's recalls on one dataset."""
+    input:
+        lambda w: dataset_results(w.dataset),
+    output:
+        f"{RESULTS}/{{dataset}}/summary.csv",
+        f"{RESULTS}/{{dataset}}/summary_table.csv",
+        f"{RESULTS}/{{dataset}}/summary.md",
+        f"{RESULTS}/{{dataset}}/summary.html",
+    params:
+        out=lambda w: f"{RESULTS}/{w.dataset}",
+    log:
+        f"{WORK}/logs/summary_{{dataset}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} summary --out {params.out:q} {input:q} 2> {log:q}"
+
+
 def report_inputs(wildcards):
     spec = report_spec()
-    files = []
+    files = [f"{RESULTS}/{d}/summary.csv" for d in spec["datasets"]]
     for ds in spec["datasets"].values():
         files += ds["results"]
         for c in ds["methods"].values():
