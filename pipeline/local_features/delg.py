@@ -64,6 +64,8 @@ from torch.nn import functional as F
 from torchvision.ops import nms
 
 from ..checkpoints import load_into, read_file, unwrap
+from ..pycls_resnet import STAGE_DEPTHS
+from ..pycls_resnet import ResNet as PyclsResNet
 from .base import LocalModel, weights_file
 
 #: upstream's per-channel mean / std in BGR order (``tools/extractor.py``)
@@ -71,113 +73,17 @@ BGR_MEAN = (0.406, 0.456, 0.485)
 BGR_STD = (0.225, 0.224, 0.229)
 #: receptive field, stride and padding of the conv4 (``s3``) map, upstream's RF/STRIDE/PADDING
 RF, STRIDE, PADDING = 291.0, 16.0, 145.0
-STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 BN_EPS = 1e-5  # pycls cfg.BN.EPS
 LOCAL_DIM = 512  # upstream SpatialAttention2d(1024): conv1 1024 -> 512
 #: keys of the training-only heads in upstream's ``Delg`` (skipped, as upstream's extractor does)
 TRAINING_HEADS = ("desc_cls.weight", "desc_cls.t", "att_cls.fc.weight", "att_cls.fc.bias")
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=BN_EPS)
-
-
-class Bottleneck(nn.Module):
-    """pycls ``BottleneckTransform``: 1x1, 3x3 (strided), 1x1, each with BatchNorm."""
-
-    def __init__(self, w_in: int, w_out: int, stride: int, w_b: int):
-        super().__init__()
-        self.a = nn.Conv2d(w_in, w_b, 1, bias=False)
-        self.a_bn = _bn(w_b)
-        self.b = nn.Conv2d(w_b, w_b, 3, stride=stride, padding=1, bias=False)
-        self.b_bn = _bn(w_b)
-        self.c = nn.Conv2d(w_b, w_out, 1, bias=False)
-        self.c_bn = _bn(w_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.a_bn(self.a(x)))
-        x = F.relu(self.b_bn(self.b(x)))
-        return self.c_bn(self.c(x))
-
-
-class ResBlock(nn.Module):
-    """pycls ``ResBlock``: ``relu(shortcut(x) + f(x))``, a projection where the shape changes."""
-
-    def __init__(self, w_in: int, w_out: int, stride: int, w_b: int):
-        super().__init__()
-        self.proj_block = w_in != w_out or stride != 1
-        if self.proj_block:
-            self.proj = nn.Conv2d(w_in, w_out, 1, stride=stride, bias=False)
-            self.bn = _bn(w_out)
-        self.f = Bottleneck(w_in, w_out, stride, w_b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        short = self.bn(self.proj(x)) if self.proj_block else x
-        return F.relu(short + self.f(x))
-
-
-class ResStage(nn.Sequential):
-    def __init__(self, w_in: int, w_out: int, stride: int, depth: int, w_b: int):
-        super().__init__()
-        for i in range(depth):
-            self.add_module(f"b{i + 1}", ResBlock(w_in if i == 0 else w_out, w_out, stride if i == 0 else 1, w_b))
-
-
-class Stem(nn.Module):
-    """pycls ``ResStemIN``: 7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max-pool."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn = _bn(64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.relu(self.bn(self.conv(x))), 3, stride=2, padding=1)
-
-
-class GeM(nn.Module):
-    """Generalised mean pooling with a learnt exponent ``p`` (upstream ``GeneralizedMeanPoolingP``)."""
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6):
-        super().__init__()
-        self.p = nn.Parameter(torch.ones(1) * p)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1).pow(1.0 / self.p)
-
-
-class GlobalHead(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.pool = GeM()
-        self.fc = nn.Linear(2048, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(x).flatten(1))
-
-
-class ResNet(nn.Module):
+class ResNet(PyclsResNet):
     """Upstream's ``globalmodel``: pycls ResNet trunk plus the GeM + whitening head."""
 
     def __init__(self, depth: int = 50, global_dim: int = 512):
-        super().__init__()
-        if depth not in STAGE_DEPTHS:
-            raise ValueError(f"DELG: depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
-        d1, d2, d3, d4 = STAGE_DEPTHS[depth]
-        self.stem = Stem()
-        self.s1 = ResStage(64, 256, 1, d1, 64)
-        self.s2 = ResStage(256, 512, 2, d2, 128)
-        self.s3 = ResStage(512, 1024, 2, d3, 256)
-        self.s4 = ResStage(1024, 2048, 2, d4, 512)
-        self.head = GlobalHead(global_dim)
-
-    def conv4(self, x: torch.Tensor) -> torch.Tensor:
-        """The stride-16, 1024-d ``s3`` map the local features come from."""
-        return self.s3(self.s2(self.s1(self.stem(x))))
-
-    def global_descriptor(self, conv4: torch.Tensor) -> torch.Tensor:
-        return self.head(self.s4(conv4))
+        super().__init__(depth, global_dim, what="DELG")
 
 
 class SpatialAttention(nn.Module):
@@ -186,7 +92,7 @@ class SpatialAttention(nn.Module):
     def __init__(self, in_c: int = 1024):
         super().__init__()
         self.conv1 = nn.Conv2d(in_c, LOCAL_DIM, 1)
-        self.bn = _bn(LOCAL_DIM)
+        self.bn = nn.BatchNorm2d(LOCAL_DIM, eps=BN_EPS)
         self.conv2 = nn.Conv2d(LOCAL_DIM, 1, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

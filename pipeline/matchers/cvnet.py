@@ -82,13 +82,13 @@ from torch.nn import functional as F
 
 from ..checkpoints import WRAPPER_KEYS, load_into, read_file, unwrap
 from ..local_features.base import weights_file
+from ..pycls_resnet import ResNet as PyclsResNet
 from .base import Matcher
 
 #: upstream's ``test/dataset.py`` statistics, in BGR order (cv2.imread)
 BGR_MEAN = (0.406, 0.456, 0.485)
 BGR_STD = (0.225, 0.224, 0.229)
 #: blocks per ResNet stage
-STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 #: upstream's ``CVNet_Rerank.scales``: areas; the feature map's sides scale by their square roots
 PYRAMID_AREAS = (0.25, 0.5, 1.0)
 RERANK_CHANNELS = 256
@@ -103,107 +103,17 @@ FILE_WRAPPER = "model_state"
 # --------------------------------------------------------------------------- ResNet (pycls)
 
 
-class GeM(nn.Module):
-    """Generalised mean pooling with a learnt exponent ``p`` (upstream's ``GeneralizedMeanPoolingP``)."""
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6):
-        super().__init__()
-        self.p = nn.Parameter(torch.ones(1) * p)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1).pow(1.0 / self.p)
-
-
-class Bottleneck(nn.Module):
-    """1x1, BN, ReLU, 3x3 (stride), BN, ReLU, 1x1, BN (pycls' ``BottleneckTransform``)."""
-
-    def __init__(self, w_in: int, w_out: int, stride: int, w_b: int):
-        super().__init__()
-        self.a = nn.Conv2d(w_in, w_b, 1, bias=False)
-        self.a_bn = nn.BatchNorm2d(w_b)
-        self.b = nn.Conv2d(w_b, w_b, 3, stride=stride, padding=1, bias=False)
-        self.b_bn = nn.BatchNorm2d(w_b)
-        self.c = nn.Conv2d(w_b, w_out, 1, bias=False)
-        self.c_bn = nn.BatchNorm2d(w_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.a_bn(self.a(x)))
-        x = F.relu(self.b_bn(self.b(x)))
-        return self.c_bn(self.c(x))
-
-
-class ResBlock(nn.Module):
-    """``relu(shortcut(x) + f(x))``; the shortcut projects (``proj`` + ``bn``) where the shape changes."""
-
-    def __init__(self, w_in: int, w_out: int, stride: int, w_b: int):
-        super().__init__()
-        if w_in != w_out or stride != 1:
-            self.proj = nn.Conv2d(w_in, w_out, 1, stride=stride, bias=False)
-            self.bn = nn.BatchNorm2d(w_out)
-        self.f = Bottleneck(w_in, w_out, stride, w_b)
-
-    def forward(self, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
-        shortcut = self.bn(self.proj(x)) if hasattr(self, "proj") else x
-        x = self.f(x) + shortcut
-        return F.relu(x) if relu else x
-
-
-class ResStage(nn.Sequential):
-    def __init__(self, w_in: int, w_out: int, stride: int, depth: int, w_b: int):
-        super().__init__()
-        for i in range(depth):
-            self.add_module(f"b{i + 1}", ResBlock(w_in if i == 0 else w_out, w_out, stride if i == 0 else 1, w_b))
-
-
-class Stem(nn.Module):
-    """7x7 conv (stride 2), BN, ReLU, 3x3 max-pool (stride 2)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn = nn.BatchNorm2d(64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.relu(self.bn(self.conv(x))), 3, stride=2, padding=1)
-
-
-class GlobalHead(nn.Module):
-    def __init__(self, w_in: int, dim: int):
-        super().__init__()
-        self.pool = GeM()
-        self.fc = nn.Linear(w_in, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(x).flatten(1))
-
-
-class ResNet(nn.Module):
+class ResNet(PyclsResNet):
     """pycls' ResNet with CVNet's global head; parameter names as upstream's ``model/resnet.py``."""
 
     def __init__(self, depth: int = 50, reduction_dim: int = 2048):
-        super().__init__()
-        if depth not in STAGE_DEPTHS:
-            raise ValueError(f"CVNet: depth must be one of {sorted(STAGE_DEPTHS)}, got {depth}")
-        d1, d2, d3, d4 = STAGE_DEPTHS[depth]
-        self.stem = Stem()
-        self.s1 = ResStage(64, 256, 1, d1, 64)
-        self.s2 = ResStage(256, 512, 2, d2, 128)
-        self.s3 = ResStage(512, 1024, 2, d3, 256)
-        self.s4 = ResStage(1024, 2048, 2, d4, 512)
-        self.head = GlobalHead(2048, reduction_dim)
-
-    def res3(self, x: torch.Tensor) -> torch.Tensor:
-        """The last ``s3`` block's output before its ReLU (upstream's re-ranking feature, ``feat_ids``)."""
-        x = self.s2(self.s1(self.stem(x)))
-        *blocks, last = self.s3.children()
-        for block in blocks:
-            x = block(x)
-        return last(x, relu=False)
+        if depth not in (50, 101):
+            raise ValueError(f"CVNet: depth must be one of [50, 101], got {depth}")
+        super().__init__(depth, reduction_dim, what="CVNet")
 
     def global_from_res3(self, res3: torch.Tensor) -> torch.Tensor:
         """The global descriptor (not normalised) from :meth:`res3`'s output."""
-        return self.head(self.s4(F.relu(res3)))
+        return self.global_descriptor(F.relu(res3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.global_from_res3(self.res3(x))
