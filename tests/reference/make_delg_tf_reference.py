@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import sys
 import tempfile
@@ -50,6 +49,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import load_rgb, upstream_commit
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# the seeded fill both sides use (numpy only; the test rebuilds the same values)
+from pipeline.local_features.delg_tf import seeded_tf_values  # noqa: E402
 
 WEIGHT_SEED = 7
 RESIZE = 256
@@ -66,27 +69,6 @@ KERAS_INTERNAL = {"variables", "trainable_variables", "non_trainable_variables",
                   "_default_save_signature", "_jit_compiled_convolution_op"}
 
 
-def seeded_tf_values(shapes: dict, seed: int, gain: float = 0.7) -> dict:
-    """Seeded float32 values per variable path, visited in sorted order with one
-    ``numpy.random.default_rng(seed)``: kernels N(0, gain sqrt(2 / fan_in)) (fan_in: all
-    but the last dimension), biases N(0, 0.05), BatchNorm gamma U(0.5, 1.5), beta
-    N(0, 0.1), moving_mean N(0, 0.1), moving_variance U(0.5, 1.5). (Same rule as
-    ``pipeline.local_features.delg_tf.seeded_tf_values``; the test checks they agree.)"""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path in sorted(shapes):
-        shape = tuple(shapes[path])
-        leaf = path.rsplit("/", 1)[-1]
-        if leaf == "kernel":
-            v = rng.normal(0.0, gain * math.sqrt(2.0 / int(np.prod(shape[:-1]))), shape)
-        elif leaf in ("gamma", "moving_variance"):
-            v = rng.uniform(0.5, 1.5, shape)
-        elif leaf in ("beta", "moving_mean"):
-            v = rng.normal(0.0, 0.1, shape)
-        else:
-            v = rng.normal(0.0, 0.05, shape)
-        out[path] = v.astype(np.float32)
-    return out
 
 
 def values_sha256(values: dict) -> str:
