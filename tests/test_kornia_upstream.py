@@ -82,10 +82,6 @@ def _assert_same_matches(out, matches, scores):
         np.testing.assert_allclose(out["scores"].numpy(), scores, atol=SCORE_ATOL, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kornia 0.9's ALIKED keeps strict local maxima only (nms2d) where upstream's simple_nms also keeps ties "
-    "and second-round maxima; in top-k mode (our default detection_threshold=0.0) 13.5%/4.5% of the 512 "
-    "keypoints differ on montmartre_close/far. Patching upstream's simple_nms to strict NMS gives 100%."))
 @pytest.mark.parametrize("fixture", ["aliked_reference.npz", "aliked_lightglue_reference.npz"])
 def test_aliked_matches_upstream(fixture):
     r = _load(fixture)
@@ -104,10 +100,25 @@ def test_aliked_shared_keypoints_agree():
     out = model(image)
     d = np.linalg.norm(out["keypoints"].numpy()[:, None] - r["keypoints"][None], axis=-1)
     j, same = d.argmin(1), d.min(1) < KP_TOL
-    assert same.mean() >= 0.8  # measured 0.865 (see the xfail above)
+    assert same.mean() == 1.0  # with upstream's simple_nms (nms: upstream, the default)
     np.testing.assert_allclose(out["descriptors"].numpy()[same], r["descriptors"][j[same]].astype(np.float32),
                                atol=DESC_ATOL, rtol=0)
     np.testing.assert_allclose(out["scores"].numpy()[same], r["scores"][j[same]], atol=SCORE_ATOL, rtol=0)
+
+
+def test_aliked_strict_nms_is_kornias():
+    """``nms: strict`` keeps kornia's strict maxima: some of upstream's keypoints are then missing."""
+    r = _load("aliked_reference.npz")
+    image = _image(r["image_name"], r["resize"], r["image_sha256"])
+    model = ALIKED({"weights": _weights("aliked-n16.pth"), "max_keypoints": int(r["max_keypoints"]),
+                    "detection_threshold": float(r["detection_threshold"]), "nms_radius": int(r["nms_radius"]),
+                    "nms": "strict"})
+    d = np.linalg.norm(model(image)["keypoints"].numpy()[:, None] - r["keypoints"][None], axis=-1)
+    assert 0.8 <= (d.min(1) < KP_TOL).mean() < 0.95  # measured 0.865 before the upstream NMS
+    import kornia.feature.aliked.aliked as kornia_aliked
+    from kornia.geometry.subpix import nms2d
+
+    assert kornia_aliked.nms2d is nms2d  # the upstream swap does not leak out of our model
 
 
 def test_lightglue_aliked_matches_upstream():

@@ -55,6 +55,12 @@ def max_pool_nms(heatmap: torch.Tensor, radius: int) -> torch.Tensor:
     points that are not covered by a kept maximum's window may be recovered when they
     are maxima among the remaining (not yet suppressed) scores.
     """
+    return heatmap * max_pool_nms_mask(heatmap, radius)
+
+
+def max_pool_nms_mask(heatmap: torch.Tensor, radius: int) -> torch.Tensor:
+    """The boolean mask of :func:`max_pool_nms` (``[B, H, W]`` or ``[B, C, H, W]``): SuperGlue's
+    and ALIKED's upstream ``simple_nms``, which keeps ties and two rounds of recovered maxima."""
     if radius < 0:
         raise ValueError(f"nms_radius must be >= 0, got {radius}")
     size = 2 * radius + 1
@@ -67,7 +73,7 @@ def max_pool_nms(heatmap: torch.Tensor, radius: int) -> torch.Tensor:
         covered = window_max(keep.float()) > 0
         rest = heatmap.masked_fill(covered, 0.0)
         keep = keep | ((rest == window_max(rest)) & ~covered)
-    return heatmap * keep
+    return keep
 
 
 def sample_descriptors(keypoints: torch.Tensor, coarse: torch.Tensor, cell: int = CELL) -> torch.Tensor:
