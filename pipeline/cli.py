@@ -55,13 +55,14 @@ def cmd_extract_global(a):
 def cmd_build_index(a):
     from .retrieval import build_index
 
-    build_index(a.stores, a.out, a.index)
+    build_index(a.stores, a.out, a.index, train_size=a.train_size, nlist=a.nlist, m=a.m, nbits=a.nbits,
+                chunk_size=a.chunk_size, use_gpu="auto" if a.gpu == "auto" else False)
 
 
 def cmd_search(a):
     from .retrieval import search
 
-    search(a.index, a.queries, a.out, a.k, nprobe=a.nprobe, meta=a.meta)
+    search(a.index, a.queries, a.out, a.k, nprobe=a.nprobe, meta=a.meta, use_gpu="auto" if a.gpu == "auto" else False)
 
 
 def cmd_import_topk(a):
@@ -252,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--index", default="auto")
     s.add_argument("stores", nargs="+")
+    s.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n))")
+    s.add_argument("--m", type=int, default=None, help="PQ sub-quantizers (default dim / 8)")
+    s.add_argument("--nbits", type=int, default=8)
+    s.add_argument("--train-size", type=int, default=200_000)
+    s.add_argument("--chunk-size", type=int, default=100_000, help="descriptors read and added at a time")
+    s.add_argument("--gpu", choices=["auto", "never"], default="auto")
     s.set_defaults(func=cmd_build_index)
 
     s = sub.add_parser("search", help="top-k candidates of the queries")
@@ -260,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--k", type=int, default=100)
     s.add_argument("--nprobe", type=int, default=32)
+    s.add_argument("--gpu", choices=["auto", "never"], default="auto")
     s.add_argument("--meta", type=_json, default={})
     s.set_defaults(func=cmd_search)
 

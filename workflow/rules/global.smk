@@ -98,6 +98,10 @@ rule build_index:
         gmethod=alternation(EXTRACTED),
     params:
         index=config["retrieval"]["index"],
+        options=" ".join(
+            f"--{k.replace('_', '-')} {config['retrieval'][k]}"
+            for k in ("nlist", "m", "nbits", "train_size", "chunk_size", "gpu") if config["retrieval"].get(k) is not None
+        ),
         stores=lambda w, input: " ".join(shlex.quote(p) for p in input if p.endswith(".zarr")),
     log:
         f"{WORK}/logs/faiss_{{dataset}}_{{gmethod}}.log",
@@ -106,7 +110,7 @@ rule build_index:
     conda:
         CONDA_ENV
     shell:
-        "{PY} build-index --out {output.index:q} --index {params.index:q} {params.stores} 2> {log:q}"
+        "{PY} build-index --out {output.index:q} --index {params.index:q} {params.options} {params.stores} 2> {log:q}"
 
 
 def search_inputs(w):
@@ -125,6 +129,7 @@ rule search:
     params:
         k=config["retrieval"]["k"],
         nprobe=config["retrieval"]["nprobe"],
+        gpu=config["retrieval"]["gpu"],
         meta=lambda w: json.dumps({"method": w.gmethod, "dataset": w.dataset, "conf": GMETHODS[w.gmethod]}),
     log:
         f"{WORK}/logs/search_{{dataset}}_{{gmethod}}.log",
@@ -132,7 +137,7 @@ rule search:
         CONDA_ENV
     shell:
         "{PY} search --index {input[0]:q} --queries {input[1]:q} --out {output:q}"
-        " --k {params.k} --nprobe {params.nprobe} --meta {params.meta:q} 2> {log:q}"
+        " --k {params.k} --nprobe {params.nprobe} --gpu {params.gpu} --meta {params.meta:q} 2> {log:q}"
 
 
 rule import_topk:
