@@ -36,3 +36,12 @@ def load_rgb(path, resize: int) -> np.ndarray:
 
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_fixture(path, arrays: dict) -> None:
+    """Save a reference fixture (compressed .npz) and say where and how big."""
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    print(f"wrote {path} ({os.path.getsize(path)} bytes)")

@@ -27,7 +27,7 @@ import torchvision
 import torchvision.transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import upstream_commit  # noqa: E402
+from common import upstream_commit, write_fixture  # noqa: E402
 from random_state import seeded_state_dict  # noqa: E402
 
 #: (backbone, fc_output_dim, weight seed)
@@ -73,9 +73,7 @@ def main() -> None:
         out[f"{backbone}_input_seed"] = np.array(INPUT_SEED)
         out[f"{backbone}_fc_output_dim"] = np.array(fc_dim)
         print(f"{backbone}: output {tuple(desc.shape)}, norms {desc.norm(dim=1).tolist()}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_rgb, sha256, upstream_commit
+from common import load_rgb, sha256, upstream_commit, write_fixture
 from random_state import seeded_state_dict
 
 WEIGHT_SEED = 2022
@@ -154,9 +154,7 @@ def main() -> None:
         depth=np.array(50),
         reduction_dim=np.array(2048),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_rgb, upstream_commit
+from common import load_rgb, upstream_commit, write_fixture
 from random_state import DEFAULT_GAIN, seeded_state_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,9 +92,7 @@ def main() -> None:
         "upstream_commit": np.array(args.commit or upstream_commit(args.upstream)),
         "torch_version": np.array(torch.__version__),
     })
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

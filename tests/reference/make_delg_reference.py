@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_rgb, upstream_commit
+from common import load_rgb, upstream_commit, write_fixture
 from random_state import seeded_state_dict
 
 WEIGHT_SEED = 11
@@ -141,9 +141,7 @@ def main() -> None:
         iou_thres=np.array(extractor.IOU_THRES),
         top_k=np.array(extractor.TOP_K),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

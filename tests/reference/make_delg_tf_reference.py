@@ -48,7 +48,7 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_rgb, upstream_commit
+from common import load_rgb, upstream_commit, write_fixture
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # the seeded fill both sides use (numpy only; the test rebuilds the same values)
@@ -268,9 +268,7 @@ def main() -> None:
         "tf_version": np.array(tf.__version__),
     }
     out.update(tiny_bundle(tf, work))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_rgb, sha256, upstream_commit
+from common import load_rgb, sha256, upstream_commit, write_fixture
 from random_state import seeded_state_dict
 
 WEIGHT_SEED = 0
@@ -164,9 +164,7 @@ def main() -> None:
         "upstream_kornia_version": np.array(kornia.__version__),
         "torch_version": np.array(torch.__version__),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import upstream_commit
+from common import upstream_commit, write_fixture
 from random_state import seeded_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,9 +246,7 @@ def main() -> None:
         for variant in VARIANTS:
             with torch.no_grad():
                 out.update(run_variant(upstream, image, *variant, work=Path(tmp)))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

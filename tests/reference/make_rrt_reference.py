@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import upstream_commit
+from common import upstream_commit, write_fixture
 
 WEIGHT_SEED = 5
 INPUT_SEED = 2021
@@ -207,9 +207,7 @@ def main() -> None:
         state_keys=np.array(sorted(template)),
         float64_noise=np.array(noise),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import upstream_commit  # noqa: E402
+from common import upstream_commit, write_fixture  # noqa: E402
 from random_state import seeded_state_dict  # noqa: E402
 
 WEIGHT_SEED = 7
@@ -198,9 +198,7 @@ def main() -> None:
         input_seed=np.array(INPUT_SEED),
         float64_noise=np.array(noise),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--pairs", default=str(PAIRS), help="folder with the test images")
     ap.add_argument("--commit", default=None, help="upstream commit to record (default: git HEAD)")
     args = ap.parse_args()
-    from common import upstream_commit
+    from common import upstream_commit, write_fixture
 
     sys.path.insert(0, os.path.abspath(args.upstream))
     from blocks import POOL  # upstream code
@@ -274,9 +274,7 @@ def main() -> None:
         float64_noise_descriptors=np.array(noise["descriptors"]),
         float64_noise_global=np.array(noise["global"]),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+    write_fixture(args.out, out)
 
 
 if __name__ == "__main__":
