@@ -28,7 +28,8 @@ from tqdm import tqdm
 from .extract_global import conf_hash, image_loader, pick_device
 from .images import to_float
 from .io import atomic_path, write_json
-from .local_features import build_model
+from .global_features.base import merge_conf
+from .local_features import build_model, get_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ OPTIONAL = ("levels", "scales")  # per keypoint; per-image arrays are named glob
 
 
 def store_dir(base: str | Path, conf: dict) -> Path:
-    """The parts folder for an extractor conf under ``base`` (name + conf hash)."""
-    return Path(base) / f"{conf['name']}-{conf_hash(conf)}"
+    """The parts folder for an extractor conf under ``base`` (name + hash of the conf with the
+    model's defaults filled in, so a changed default -- e.g. ALIKED's NMS -- gets a new store)."""
+    cls = get_model_class(conf["name"])
+    full = merge_conf({**cls.base_conf, **cls.default_conf}, conf, f"local features {conf['name']}")
+    return Path(base) / f"{conf['name']}-{conf_hash(full)}"
 
 
 def _part_names(path: Path) -> dict[str, float]:

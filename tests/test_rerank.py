@@ -169,3 +169,18 @@ def test_unreadable_candidate_scores_zero(prepared):
     rr.match_topk(tmp / "feat.json", {"name": "mnn"}, tmp / "topk.h5", 4, tmp / "m.h5", device="cpu")
     out = rr.score_topk(tmp / "feat.json", tmp / "m.h5", {"name": "ransac"}, tmp / "topk.h5", 4, tmp / "rr.h5")
     assert out.candidate_names[0, -1] == bad or bad in out.candidate_names[0]
+
+
+def test_store_folder_follows_the_model_defaults(tmp_path, monkeypatch):
+    """A default changed in the code (not in config.yaml) gives a new feature store, not stale features."""
+    from pipeline.local_features.sift import SIFT
+    from pipeline.local_store import store_dir
+
+    conf = {"name": "sift", "max_keypoints": 100}
+    before = store_dir(tmp_path, conf)
+    assert store_dir(tmp_path, dict(conf)) == before
+    monkeypatch.setattr(SIFT, "default_conf", {**SIFT.default_conf, "contrast_threshold": 0.03})
+    assert store_dir(tmp_path, conf) != before
+    # spelling out a default in the conf is the same store as leaving it out
+    monkeypatch.undo()
+    assert store_dir(tmp_path, {**conf, "contrast_threshold": SIFT.default_conf["contrast_threshold"]}) == before
