@@ -65,7 +65,7 @@ def retrieval(tmp: Path, root: Path, k: int, n_queries: int) -> Path:
         names = read_table(tmp / "index" / f"{split}.csv").name.tolist()
         extract_global(model, root, names, tmp / f"{split}.zarr", fit_state=tmp / "fit.pt", device="cpu")
     build_index([tmp / "database.zarr"], tmp / "faiss.index")
-    t = search(tmp / "faiss.index", tmp / "queries.zarr", tmp / "full.h5", k=k)
+    t = search(tmp / "faiss.index", tmp / "queries.zarr", tmp / "full.h5", k=k, database=tmp / "database.zarr")
     sub = TopK(t.query_names[:n_queries], t.candidate_names[:n_queries], t.candidate_index[:n_queries],
                t.distances[:n_queries])
     write_topk(tmp / "topk.h5", sub)

@@ -62,7 +62,14 @@ def cmd_build_index(a):
 def cmd_search(a):
     from .retrieval import search
 
-    search(a.index, a.queries, a.out, a.k, nprobe=a.nprobe, meta=a.meta, use_gpu="auto" if a.gpu == "auto" else False)
+    search(a.index, a.queries, a.out, a.k, nprobe=a.nprobe, meta=a.meta, use_gpu="auto" if a.gpu == "auto" else False,
+           database=a.database, rescore=a.rescore)
+
+
+def cmd_gather_global(a):
+    from .gather import gather_stores
+
+    gather_stores(a.shards, a.out, chunk_rows=a.chunk_rows)
 
 
 def cmd_import_topk(a):
@@ -249,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fit-state", default=None)
     s.set_defaults(func=cmd_extract_global)
 
-    s = sub.add_parser("build-index", help="FAISS index over database descriptor shards")
+    s = sub.add_parser("build-index", help="FAISS index over the database descriptor store(s)")
     s.add_argument("--out", required=True)
     s.add_argument("--index", default="auto")
     s.add_argument("stores", nargs="+")
@@ -269,7 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nprobe", type=int, default=32)
     s.add_argument("--gpu", choices=["auto", "never"], default="auto")
     s.add_argument("--meta", type=_json, default={})
+    s.add_argument("--database", nargs="+", default=None, help="the database store(s) the index was built from")
+    s.add_argument("--rescore", type=int, default=0,
+                   help="compressed index: re-rank RESCORE x k candidates with the exact descriptors (0: off)")
     s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("gather-global", help="gather database shard stores into one chunked store")
+    s.add_argument("--out", required=True)
+    s.add_argument("--chunk-rows", type=int, default=8192)
+    s.add_argument("shards", nargs="+")
+    s.set_defaults(func=cmd_gather_global)
 
     s = sub.add_parser("import-topk", help="check and store an external top-k HDF5 (thesis format)")
     s.add_argument("--src", required=True)

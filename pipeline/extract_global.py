@@ -193,6 +193,8 @@ def extract_global(
         "fit_state_hash": _file_hash(fit_state) if fit_state else None,
     }
     group = _open_partial(partial, progress, signature)
+    if "names" not in group:  # a partial store started before names were kept as an array
+        write_names(group, names, max(chunk_size, 65536))
     desc_arr, valid_arr = group["descriptors"], group["valid"]
     done = {int(p.name.split("_")[1]) for p in progress.glob("chunk_*")}
     todo = [c for c in range(n_chunks) if c not in done]
@@ -242,7 +244,7 @@ def extract_global(
     bar.close()
     elapsed = time.time() - t0
     attrs = {
-        **signature, **(meta or {}), "names": list(names), "errors": errors,
+        **signature, **(meta or {}), "errors": errors,
         "n_valid": int(np.asarray(valid_arr[:]).sum()), "seconds": elapsed,
         "extracted_this_run": len(todo_idx), "resumed_chunks": len(done),
     }
@@ -262,6 +264,16 @@ def _file_hash(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:12]
+
+
+def write_names(group, names, chunk_size: int = 65536, start: int = 0, total: int | None = None):
+    """The image names (rows ``start...``) into the chunked string array ``names``, created if
+    needed with ``total`` rows (attributes would be one huge JSON at millions of images)."""
+    total = len(names) if total is None else total
+    if "names" not in group:
+        group.create_array("names", shape=(total,), chunks=(max(1, min(chunk_size, total)),), dtype=str)
+    if len(names):
+        group["names"][start : start + len(names)] = np.asarray(names, dtype=object)
 
 
 def _open_partial(partial: Path, progress: Path, signature: dict):
@@ -284,7 +296,11 @@ def _open_partial(partial: Path, progress: Path, signature: dict):
 
 
 class GlobalStore:
-    """Read access to one finished descriptor store."""
+    """Read access to one finished descriptor store (a shard, the queries, or a gathered database).
+
+    Names are the ``names`` string array (older stores: the ``names`` attribute);
+    they are read when first asked for, and :meth:`names_at` reads only some rows.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -295,18 +311,36 @@ class GlobalStore:
             self.attrs = dict(self.group.attrs)
             self.descriptors = self.group["descriptors"]
             self.valid_arr = self.group["valid"]
+            self._names_arr = self.group["names"] if "names" in self.group else None
         except Exception as e:  # noqa: BLE001 - any zarr failure means a damaged store
             raise ValueError(f"{self.path}: damaged descriptor store ({e}); delete it to re-extract") from None
-        if "names" not in self.attrs or len(self.attrs["names"]) != self.descriptors.shape[0]:
+        n_names = self._names_arr.shape[0] if self._names_arr is not None else len(self.attrs.get("names") or [])
+        if n_names != self.descriptors.shape[0] or ("names" not in self.attrs and "n_valid" not in self.attrs):
             raise ValueError(f"{self.path}: incomplete descriptor store (no or wrong names); delete it to re-extract")
+        self._names = None
 
     @property
     def names(self) -> list[str]:
-        return self.attrs["names"]
+        if self._names is None:
+            self._names = self.attrs["names"] if self._names_arr is None else self._names_arr[:].astype(object).tolist()
+        return self._names
+
+    def names_at(self, rows) -> np.ndarray:
+        """Names of some rows (an object array), reading only the chunks that hold them."""
+        rows = np.asarray(rows, np.int64)
+        if self._names is not None or self._names_arr is None:
+            return np.asarray(self.names, dtype=object)[rows]
+        uniq, inv = np.unique(rows, return_inverse=True)
+        got = np.asarray(self._names_arr.oindex[uniq], dtype=object) if len(uniq) else np.zeros(0, object)
+        return got[inv.reshape(rows.shape)]
 
     @property
     def dim(self) -> int:
         return self.descriptors.shape[1]
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.descriptors.chunks[0]
 
     def __len__(self):
         return self.descriptors.shape[0]
@@ -314,6 +348,9 @@ class GlobalStore:
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         stop = len(self) if stop is None else stop
         return np.asarray(self.descriptors[start:stop], dtype=np.float32), np.asarray(self.valid_arr[start:stop])
+
+    def read_valid(self) -> np.ndarray:
+        return np.asarray(self.valid_arr[:])
 
 
 def fit_global(

@@ -39,49 +39,16 @@ import numpy as np
 from tqdm import tqdm
 
 from .extract_global import GlobalStore
+from .index_plan import FLAT_MAX, NAMED, auto_nlist, choose_factory  # noqa: F401 - re-exported
 from .io import atomic_path, read_json, write_json
 from .topk import TopK, write_topk
 
 logger = logging.getLogger(__name__)
 
-#: databases up to this many images get an exact (flat) index under ``auto``
-FLAT_MAX = 1_000_000
-#: index names understood besides FAISS factory strings
-NAMED = ("auto", "flat", "flat_fp16", "ivfpq", "sharded")
-SHARDED_MARKER = "sharded index: exact chunked search over the stores listed in the .json\n"
+SHARDED_MARKER = "sharded index: exact chunked search over the database store it was built from\n"
 
 
 # --------------------------------------------------------------------------- index choice
-
-def auto_nlist(n: int) -> int:
-    """~4 * sqrt(n) inverted lists (FAISS's rule of thumb), rounded to a power of two."""
-    return max(1, int(2 ** round(np.log2(4 * np.sqrt(max(n, 1))))))
-
-
-def choose_factory(n: int, dim: int, index: str = "auto", nlist: int | None = None, m: int | None = None,
-                   nbits: int = 8) -> str:
-    """The FAISS factory string for ``n`` database vectors of ``dim`` dimensions.
-
-    ``index`` is one of :data:`NAMED` or a factory string (returned as is);
-    ``sharded`` gives ``"sharded"`` (no FAISS index).
-    """
-    if index == "auto":
-        index = "flat" if n <= FLAT_MAX else "ivfpq"
-        if index == "ivfpq" and m is None and dim % 8:
-            return f"IVF{nlist or auto_nlist(n)},Flat"
-    if index == "flat":
-        return "Flat"
-    if index == "flat_fp16":
-        return "SQfp16"
-    if index == "sharded":
-        return "sharded"
-    if index == "ivfpq":
-        m = m or dim // 8
-        if m < 1 or dim % m:
-            raise ValueError(f"ivfpq: m={m} sub-quantizers must divide the dimension {dim}")
-        return f"IVF{nlist or auto_nlist(n)},PQ{m}x{nbits}"
-    return index
-
 
 def metric_of(factory: str) -> int:
     """Inner product for flat (exhaustive) indexes, L2 for IVF/PQ/graph ones.
@@ -145,6 +112,88 @@ def _read_rows(src, rows: np.ndarray):
 
 def _open(p):
     return p if hasattr(p, "read") else GlobalStore(p)
+
+
+def _valid_of(s) -> np.ndarray:
+    if hasattr(s, "read_valid"):
+        return s.read_valid()
+    return np.ones(len(s), bool)
+
+
+def _names_at(s, rows) -> np.ndarray:
+    if hasattr(s, "names_at"):
+        return s.names_at(rows)
+    return np.asarray(s.names, dtype=object)[np.asarray(rows)]
+
+
+class ConcatSource:
+    """Several stores read as one (rows numbered across them in order); also the one gathered store."""
+
+    def __init__(self, stores):
+        stores = stores if isinstance(stores, (list, tuple)) else [stores]
+        self.stores = [_open(p) for p in stores]
+        if not self.stores:
+            raise ValueError("no database descriptor stores given")
+        dims = {s.dim for s in self.stores}
+        if len(dims) != 1:
+            raise ValueError(f"database stores have different dimensions {sorted(dims)}: "
+                             f"{[str(getattr(s, 'path', s)) for s in self.stores]}")
+        self.bounds = np.concatenate([[0], np.cumsum([len(s) for s in self.stores])]).astype(np.int64)
+
+    @property
+    def dim(self) -> int:
+        return self.stores[0].dim
+
+    @property
+    def chunk_rows(self) -> int:
+        return min(getattr(s, "chunk_rows", 65536) for s in self.stores)
+
+    def __len__(self):
+        return int(self.bounds[-1])
+
+    def _split(self, rows):
+        """``(store number, rows of that store, positions in rows)`` for sorted ``rows``."""
+        rows = np.asarray(rows, np.int64)
+        which = np.searchsorted(self.bounds, rows, "right") - 1
+        for si in np.unique(which):
+            pos = np.flatnonzero(which == si)
+            yield si, rows[pos] - self.bounds[si], pos
+
+    def read(self, start: int = 0, stop: int | None = None):
+        stop = len(self) if stop is None else min(stop, len(self))
+        ds, vs = [], []
+        for si, s in enumerate(self.stores):
+            lo, hi = max(start, self.bounds[si]), min(stop, self.bounds[si + 1])
+            if lo < hi:
+                d, v = s.read(int(lo - self.bounds[si]), int(hi - self.bounds[si]))
+                ds.append(d)
+                vs.append(v)
+        if not ds:
+            return np.zeros((0, self.dim), np.float32), np.zeros(0, bool)
+        return np.concatenate(ds), np.concatenate(vs)
+
+    def read_rows(self, rows):
+        d = np.zeros((len(rows), self.dim), np.float32)
+        v = np.zeros(len(rows), bool)
+        for si, r, pos in self._split(rows):
+            d[pos], v[pos] = _read_rows(self.stores[si], r)
+        return d, v
+
+    def read_valid(self) -> np.ndarray:
+        return np.concatenate([_valid_of(s) for s in self.stores])
+
+    def names_at(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        flat = rows.ravel()
+        out = np.empty(len(flat), object)
+        order = np.argsort(flat, kind="stable")
+        for si, r, pos in self._split(flat[order]):
+            out[order[pos]] = _names_at(self.stores[si], r)
+        return out.reshape(rows.shape)
+
+    @property
+    def paths(self) -> list[str]:
+        return [str(getattr(s, "path", "<array>")) for s in self.stores]
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -264,48 +313,34 @@ def make_index(sources, factory: str, train_size: int = 200_000, seed: int = 0, 
     return idx, valid
 
 
-def build_index(db_stores: list, out: str | Path, index: str = "auto", train_size: int = 200_000, seed: int = 0,
+def build_index(db_stores, out: str | Path, index: str = "auto", train_size: int = 200_000, seed: int = 0,
                 nlist: int | None = None, m: int | None = None, nbits: int = 8, chunk_size: int = 100_000,
                 use_gpu="auto") -> dict:
-    """Build a FAISS index over the valid vectors of the database shards (see the module doc).
+    """Build a FAISS index over the valid vectors of the database (see the module doc).
 
-    Writes ``out`` (the index) and ``out.json`` (factory, metric, the database names
-    in index id order, their rows, the invalid images left out; for ``sharded``
-    the stores to search).
+    ``db_stores``: the gathered database store, or several stores read as one in
+    order. Writes ``out`` (the index; for ``sharded`` a marker) and ``out.json``:
+    factory, metric, dimension, the database's row count and names hash, and the
+    rows left out (unreadable images). Index ids number the valid rows in order;
+    :func:`search` maps them back to rows and names of the same database.
     """
-    stores = [_open(p) for p in db_stores]
-    if not stores:
-        raise ValueError("no database descriptor stores given")
-    dims = {s.dim for s in stores}
-    if len(dims) != 1:
-        raise ValueError(f"database shards have different dimensions {sorted(dims)}: {[str(getattr(s, 'path', s)) for s in stores]}")
-    dim = dims.pop()
-    n_total = sum(len(s) for s in stores)
+    db = ConcatSource(db_stores)
+    n_total, dim = len(db), db.dim
     factory = choose_factory(n_total, dim, index, nlist, m, nbits)
     logger.info("database: %d images of %d-d descriptors -> index %r", n_total, dim, factory)
     if factory == "sharded":
-        valid = [np.asarray(s.valid_arr[:]) if hasattr(s, "valid_arr") else np.ones(len(s), bool) for s in stores]
-        metric, idx = "ip", None
+        valid, metric, idx = db.read_valid(), "ip", None
     else:
-        idx, valid = make_index(stores, factory, train_size, seed, chunk_size, use_gpu)
+        idx, valid = make_index([db], factory, train_size, seed, chunk_size, use_gpu)
+        valid = valid[0]
         metric = _metric_name(metric_of(factory))
-    names, invalid, db_rows = [], [], []
-    offset = 0
-    for s, v in zip(stores, valid):
-        for i, (n, ok) in enumerate(zip(s.names, v)):
-            if ok:
-                names.append(n)
-                db_rows.append(offset + i)
-            else:
-                invalid.append(n)
-        offset += len(s)
-    if invalid:
-        logger.warning("%d unreadable database images are left out of the index", len(invalid))
-    info = {"factory": factory, "metric": metric, "normalized": True, "n": len(names), "dim": dim,
-            "names": names, "rows": db_rows, "invalid": invalid}
-    if factory == "sharded":
-        info["stores"] = [str(Path(s.path).resolve()) for s in stores]
-        info["chunk_size"] = chunk_size
+    invalid_rows = np.flatnonzero(~valid)
+    if len(invalid_rows):
+        logger.warning("%d unreadable database images are left out of the index", len(invalid_rows))
+    info = {"factory": factory, "metric": metric, "normalized": True, "n": int(valid.sum()), "dim": dim,
+            "n_rows": n_total, "invalid_rows": invalid_rows.tolist(),
+            "invalid": _names_at(db, invalid_rows).tolist() if len(invalid_rows) else [],
+            "database": db.paths, "chunk_size": chunk_size}
     with atomic_path(out) as tmp:
         if idx is None:
             Path(tmp).write_text(SHARDED_MARKER)
@@ -313,6 +348,15 @@ def build_index(db_stores: list, out: str | Path, index: str = "auto", train_siz
             faiss.write_index(idx, str(tmp))
     write_json(str(out) + ".json", info)
     return info
+
+
+def index_rows(info: dict) -> np.ndarray:
+    """Database row of every index id."""
+    if "rows" in info:  # indexes built before rows were derived from invalid_rows
+        return np.asarray(info["rows"], np.int64)
+    keep = np.ones(int(info["n_rows"]), bool)
+    keep[np.asarray(info["invalid_rows"], np.int64)] = False
+    return np.flatnonzero(keep)
 
 
 # --------------------------------------------------------------------------- exact sharded search
@@ -374,22 +418,76 @@ def sharded_search(db_stores, queries: np.ndarray, k: int, chunk_size: int = 100
     return np.concatenate(Ds), np.concatenate(Is)
 
 
+# --------------------------------------------------------------------------- exact re-scoring
+
+def rescore_exact(db, queries: np.ndarray, rows: np.ndarray, k: int, pair_batch: int = 65_536):
+    """Exact cosine similarities of each query with its candidate rows; the best ``k`` per query.
+
+    ``rows [nq, k']``: database rows (of ``db``) proposed by a compressed index,
+    ``-1`` for none. The database is read once, chunk by chunk, and only the chunks
+    holding some candidate: memory is one chunk plus ``nq * k'`` numbers, whatever
+    the database size. Returns ``(similarities, rows)``, both ``[nq, k]``, best first.
+    """
+    db = _open(db) if not isinstance(db, ConcatSource) else db
+    q = normalize(queries)
+    nq, kk = rows.shape
+    flat = rows.ravel()
+    sims = np.full(len(flat), -np.inf, np.float32)
+    order = np.argsort(flat, kind="stable")
+    sorted_rows = flat[order]
+    step = getattr(db, "chunk_rows", 65536)
+    start = int(np.searchsorted(sorted_rows, 0))  # skip -1
+    while start < len(sorted_rows):
+        c0 = int(sorted_rows[start]) // step * step
+        end = int(np.searchsorted(sorted_rows, c0 + step))
+        x, v = db.read(c0, c0 + step)
+        x = normalize(x)
+        for a in range(start, end, pair_batch):
+            sel = order[a : min(end, a + pair_batch)]
+            r = flat[sel] - c0
+            s = np.einsum("ij,ij->i", q[sel // kk], x[r])
+            sims[sel] = np.where(v[r], s, -np.inf)
+        start = end
+    sims = sims.reshape(nq, kk)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, top, 1), np.take_along_axis(rows, top, 1)
+
+
+def is_exact(factory: str) -> bool:
+    """Whether an index's ranking is exact (up to float16 storage): no re-scoring needed."""
+    return factory in ("Flat", "SQfp16", "sharded")
+
+
 # --------------------------------------------------------------------------- search
 
 def search(index_path, query_store, out, k: int = 100, batch_size: int = 1024, nprobe: int = 32, meta: dict | None = None,
-           use_gpu="auto") -> TopK:
-    """Top-k database candidates for every valid query, written as a top-k file."""
+           use_gpu="auto", database=None, rescore: int = 0) -> TopK:
+    """Top-k database candidates for every valid query, written as a top-k file.
+
+    ``database``: the store(s) the index was built from (for the names, the
+    ``sharded`` search and re-scoring); indexes from before the names left the
+    .json work without it. ``rescore`` > 0: a compressed index proposes
+    ``rescore * k`` candidates per query, re-ranked by their exact descriptors
+    (:func:`rescore_exact`); ignored for exact indexes.
+    """
     info = read_json(str(index_path) + ".json")
     metric = info.get("metric", "l2")  # indexes built before the metric was recorded: L2
     q = GlobalStore(query_store)
     if q.dim != info["dim"]:
         raise ValueError(f"{query_store}: {q.dim}-d queries do not fit the {info['dim']}-d index {index_path}")
+    db = None
+    if database is not None:
+        db = ConcatSource(database)
+        if "n_rows" in info and len(db) != info["n_rows"]:
+            raise ValueError(f"{index_path} was built over {info['n_rows']} database rows, {db.paths} has {len(db)}: "
+                             "rebuild the index")
+    elif "names" not in info or info["factory"] == "sharded" or (rescore and not is_exact(info["factory"])):
+        raise ValueError(f"{index_path}: searching it needs the database store it was built from (database=)")
     n_db = int(info["n"])
     k_eff = min(k, n_db)
     if k_eff < k:
         logger.warning("database has only %d images: k lowered from %d", n_db, k)
-    db_names = np.array(info["names"], dtype=object)
-    db_rows = np.asarray(info["rows"], dtype=np.int64)
+    rows_of_id = index_rows(info)
     qnames, qvecs, skipped = [], [], []
     for start in range(0, len(q), batch_size):
         d, v = q.read(start, start + batch_size)
@@ -400,30 +498,44 @@ def search(index_path, query_store, out, k: int = 100, batch_size: int = 1024, n
             qvecs.append(d[v])
     if not qnames:
         raise ValueError(f"{query_store}: no valid query descriptors")
+    x = normalize(np.concatenate(qvecs))
+    rescored = 0
     if info["factory"] == "sharded":
-        S, I = sharded_search(info["stores"], np.concatenate(qvecs), k_eff, info.get("chunk_size", 100_000), progress=True)
+        S, I = sharded_search([db], x, k_eff, info.get("chunk_size", 100_000), progress=True)
         dist = to_squared_l2(S, "ip")
     else:
         idx = faiss.read_index(str(index_path))
-        if info.get("normalized"):
-            qvecs = [normalize(x) for x in qvecs]
         work, on_gpu = to_device(idx, use_gpu)
         _set_nprobe(work, nprobe, on_gpu)
+        k_search = k_eff if (not rescore or is_exact(info["factory"])) else min(n_db, rescore * k_eff)
         cand, dist = [], []
-        x = np.concatenate(qvecs)
         for a in tqdm(range(0, len(x), batch_size), desc="search", mininterval=2):
-            D, I = work.search(np.ascontiguousarray(x[a : a + batch_size]), k_eff)
+            D, I = work.search(np.ascontiguousarray(x[a : a + batch_size]), k_search)
             cand.append(I)
             dist.append(to_squared_l2(D, metric))  # squared L2 = 2 - 2 cos
         I, dist = np.concatenate(cand), np.concatenate(dist)
-    if (I < 0).any():
+        if k_search > k_eff:
+            logger.info("re-scoring %d candidates per query with the exact descriptors", k_search)
+            rows = np.where(I >= 0, rows_of_id[np.maximum(I, 0)], -1)
+            S, rows = rescore_exact(db, x, rows, k_eff)
+            dist = to_squared_l2(S, "ip")
+            rescored = k_search
+            I = None
+            db_rows = rows
+    if I is not None:
+        if (I < 0).any():
+            raise RuntimeError(f"{index_path}: the index returned fewer than k={k_eff} results (nprobe too small?)")
+        db_rows = rows_of_id[I]
+    elif (db_rows < 0).any() or not np.isfinite(dist).all():
         raise RuntimeError(f"{index_path}: the index returned fewer than k={k_eff} results (nprobe too small?)")
     if skipped:
         logger.warning("%d unreadable queries have no candidates: %s", len(skipped), skipped[:5])
+    names = _names_at(db, db_rows) if db is not None else np.asarray(info["names"], dtype=object)[
+        np.searchsorted(rows_of_id, db_rows)]
     topk = TopK(
-        np.array(qnames, dtype=object), db_names[I], db_rows[I], dist,
+        np.array(qnames, dtype=object), names, db_rows, dist,
         {**(meta or {}), "k": k_eff, "index": info["factory"], "metric": metric, "nprobe": nprobe,
-         "skipped_queries": skipped, "n_database": n_db},
+         "rescored": rescored, "skipped_queries": skipped, "n_database": n_db},
     )
     write_topk(out, topk)
     return topk

@@ -11,7 +11,14 @@ import pytest
 
 import pipeline.extract_global as eg
 from pipeline.datasets.index import index_dataset, read_table
-from pipeline.extract_global import GlobalStore, extract_global, fit_global, num_shards, shard_range
+from pipeline.extract_global import (
+    GlobalStore,
+    extract_global,
+    fit_global,
+    num_shards,
+    shard_range,
+)
+from pipeline.gather import gather_stores
 from pipeline.retrieval import build_index, choose_factory, search
 
 from .conftest import REPO, make_dataset
@@ -54,9 +61,16 @@ def test_extract_store_and_retrieval(indexed, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1, atol=1e-5)
     assert s.names == db[:5]
     extract_global(VLAD_SIFT, root, names_of(index_dir, "queries"), tmp_path / "q.zarr", fit_state=fit, device="cpu")
-    info = build_index(shards, tmp_path / "faiss.index")
+    # gathered into one store (chunks that straddle the shards), as the workflow does
+    attrs = gather_stores(shards, tmp_path / "database.zarr", chunk_rows=4, progress=False)
+    assert attrs["n"] == 12 and attrs["n_valid"] == 12 and len(attrs["shards"]) == 3
+    gathered = GlobalStore(tmp_path / "database.zarr")
+    assert gathered.names == db and gathered.chunk_rows == 4
+    np.testing.assert_array_equal(gathered.read()[0], np.concatenate([GlobalStore(p).read()[0] for p in shards]))
+    info = build_index(tmp_path / "database.zarr", tmp_path / "faiss.index")
     assert info["factory"] == "Flat" and info["n"] == 12
-    topk = search(tmp_path / "faiss.index", tmp_path / "q.zarr", tmp_path / "topk.h5", k=5)
+    topk = search(tmp_path / "faiss.index", tmp_path / "q.zarr", tmp_path / "topk.h5", k=5,
+                  database=tmp_path / "database.zarr")
     assert topk.k == 5 and len(topk) == 4
     assert np.all(np.diff(topk.distances, axis=1) >= 0)
     # the queries are darkened copies of database images 0, 3, 6, 9 (rows in the sorted table)
@@ -73,7 +87,7 @@ def test_corrupt_image_is_reported_not_fatal(indexed, tmp_path):
     desc, valid = GlobalStore(tmp_path / "db.zarr").read()
     assert not valid[2] and valid.sum() == 11 and not desc[2].any()
     info = build_index([tmp_path / "db.zarr"], tmp_path / "faiss.index")
-    assert info["invalid"] == [db[2]] and db[2] not in info["names"] and info["n"] == 11
+    assert info["invalid"] == [db[2]] and info["invalid_rows"] == [2] and info["n"] == 11
 
 
 def test_resume_after_interruption_skips_finished_chunks(indexed, tmp_path, monkeypatch):

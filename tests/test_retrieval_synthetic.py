@@ -29,7 +29,8 @@ def run_retrieval(tmp, model, name):
         names = read_table(tmp / "index" / f"{split}.csv").name.tolist()
         extract_global(model, tmp / "demo", names, tmp / f"{name}_{split}.zarr", fit_state=fit, batch_size=8, device="cpu")
     build_index([tmp / f"{name}_database.zarr"], tmp / f"{name}.index")
-    return search(tmp / f"{name}.index", tmp / f"{name}_queries.zarr", tmp / f"{name}.h5", k=20)
+    return search(tmp / f"{name}.index", tmp / f"{name}_queries.zarr", tmp / f"{name}.h5", k=20,
+                  database=tmp / f"{name}_database.zarr")
 
 
 def chance_recall_at_1(topk, tmp):

@@ -85,7 +85,7 @@ def test_deleting_one_shard_reruns_only_it(project):
     code, out = snakemake(project, "-n")
     assert code == 0, out
     assert job_counts(out) == {
-        "extract_database_shard": 1, "build_index": 1, "search": 1, "results": 1, 
+        "extract_database_shard": 1, "gather_database": 1, "build_index": 1, "search": 1, "results": 1,
     }, out
     assert "shard_0001.zarr" in out and "output: work/tiny/global/vlad_a/database/shard_0000.zarr" not in out
     code, out = snakemake(project)
@@ -102,5 +102,5 @@ def test_changing_one_method_reruns_only_that_method(project):
     assert "vlad_a" not in out.split("Job stats")[0]
     counts = job_counts(out)
     # for both datasets: nothing of vlad_a, no indexing
-    assert counts == {"fit_global": 2, "extract_database_shard": 6, "extract_queries": 2, "build_index": 2,
-                      "search": 2, "results": 2}, out
+    assert counts == {"fit_global": 2, "extract_database_shard": 6, "extract_queries": 2, "gather_database": 2,
+                      "build_index": 2, "search": 2, "results": 2}, out

@@ -7,6 +7,7 @@ import time
 sys.path.insert(0, workflow.basedir)  # the package, also when it is not pip-installed
 from pipeline.config import check_config
 from pipeline.extract_global import num_shards
+from pipeline.index_plan import descriptor_dim, memory_mb
 from pipeline.datasets.index import read_table
 
 check_config(config)
@@ -76,7 +77,24 @@ def database_shards(wildcards):
     n = num_shards(len(read_table(table)), config["retrieval"]["shard_size"])
     gdir = f"{WORK}/{wildcards.dataset}/global/{wildcards.gmethod}"
     shards = [f"{gdir}/database/shard_{i:04d}.zarr" for i in range(n)]
-    return rebuild_if_inputs_missing(f"{gdir}/faiss.index", shards)
+    return rebuild_if_inputs_missing(f"{gdir}/database.zarr", shards)
+
+
+def table_size(dataset, split="database"):
+    """Images of a dataset's split (once it is indexed), else None."""
+    table = f"{WORK}/{dataset}/index/{split}.csv"
+    if not os.path.exists(table):
+        return None
+    with open(table) as f:
+        return max(0, sum(1 for _ in f) - 1)
+
+
+def index_mem_mb(w, stage):
+    """mem_mb of build_index / search: from the database size, descriptor size and index type."""
+    r = config["retrieval"]
+    return memory_mb(stage, table_size(w.dataset), descriptor_dim(GMETHODS[w.gmethod]["model"]), r["index"],
+                     r["k"], r["nlist"], r["m"], r["nbits"], r["train_size"], r["chunk_size"], r["rescore"],
+                     table_size(w.dataset, "queries") or 100_000)
 
 
 def available(dataset, method):

@@ -53,6 +53,7 @@ rule extract_database_shard:
     threads: 2
     resources:
         mem_mb=8000,
+        runtime=240,
     conda:
         CONDA_ENV
     shell:
@@ -87,10 +88,37 @@ rule extract_queries:
         " {params.fit} 2> {log:q}"
 
 
-rule build_index:
-    """FAISS index over all database shards (type chosen by size, or retrieval.index)."""
+rule gather_database:
+    """The database shards gathered into one chunked store (bounded memory, resumable)."""
     input:
         database_shards,
+    output:
+        directory(f"{GDIR}/database.zarr"),
+    wildcard_constraints:
+        gmethod=alternation(EXTRACTED),
+    params:
+        chunk_rows=config["retrieval"]["gather_chunk_rows"],
+        shards=lambda w, input: " ".join(shlex.quote(p) for p in input if p.endswith(".zarr")),
+    log:
+        f"{WORK}/logs/gather_{{dataset}}_{{gmethod}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} gather-global --out {output:q} --chunk-rows {params.chunk_rows} {params.shards} 2> {log:q}"
+
+
+def database_store(w):
+    gdir = f"{WORK}/{w.dataset}/global/{w.gmethod}"
+    return rebuild_if_inputs_missing(f"{gdir}/faiss.index", [f"{gdir}/database.zarr"])
+
+
+rule build_index:
+    """FAISS index over the database store (type chosen by size, or retrieval.index)."""
+    input:
+        database_store,
     output:
         index=f"{GDIR}/faiss.index",
         names=f"{GDIR}/faiss.index.json",
@@ -102,24 +130,27 @@ rule build_index:
             f"--{k.replace('_', '-')} {config['retrieval'][k]}"
             for k in ("nlist", "m", "nbits", "train_size", "chunk_size", "gpu") if config["retrieval"].get(k) is not None
         ),
-        stores=lambda w, input: " ".join(shlex.quote(p) for p in input if p.endswith(".zarr")),
     log:
         f"{WORK}/logs/faiss_{{dataset}}_{{gmethod}}.log",
     resources:
-        mem_mb=16000,
+        mem_mb=lambda w: index_mem_mb(w, "build"),
+        runtime=120,
     conda:
         CONDA_ENV
     shell:
-        "{PY} build-index --out {output.index:q} --index {params.index:q} {params.options} {params.stores} 2> {log:q}"
+        "{PY} build-index --out {output.index:q} --index {params.index:q} {params.options} {input[0]:q} 2> {log:q}"
 
 
 def search_inputs(w):
     gdir = f"{WORK}/{w.dataset}/global/{w.gmethod}"
-    return rebuild_if_inputs_missing(f"{WORK}/{w.dataset}/topk/{w.gmethod}.h5", [f"{gdir}/faiss.index", f"{gdir}/queries.zarr"])
+    return rebuild_if_inputs_missing(
+        f"{WORK}/{w.dataset}/topk/{w.gmethod}.h5",
+        [f"{gdir}/faiss.index", f"{gdir}/queries.zarr", f"{gdir}/database.zarr"],
+    )
 
 
 rule search:
-    """Top-k database candidates of every query."""
+    """Top-k database candidates of every query (compressed indexes: re-scored exactly)."""
     input:
         search_inputs,
     output:
@@ -130,14 +161,19 @@ rule search:
         k=config["retrieval"]["k"],
         nprobe=config["retrieval"]["nprobe"],
         gpu=config["retrieval"]["gpu"],
+        rescore=config["retrieval"]["rescore"],
         meta=lambda w: json.dumps({"method": w.gmethod, "dataset": w.dataset, "conf": GMETHODS[w.gmethod]}),
     log:
         f"{WORK}/logs/search_{{dataset}}_{{gmethod}}.log",
+    resources:
+        mem_mb=lambda w: index_mem_mb(w, "search"),
+        runtime=60,
     conda:
         CONDA_ENV
     shell:
-        "{PY} search --index {input[0]:q} --queries {input[1]:q} --out {output:q}"
-        " --k {params.k} --nprobe {params.nprobe} --gpu {params.gpu} --meta {params.meta:q} 2> {log:q}"
+        "{PY} search --index {input[0]:q} --queries {input[1]:q} --database {input[2]:q} --out {output:q}"
+        " --k {params.k} --nprobe {params.nprobe} --gpu {params.gpu} --rescore {params.rescore}"
+        " --meta {params.meta:q} 2> {log:q}"
 
 
 rule import_topk:
