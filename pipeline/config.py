@@ -53,6 +53,10 @@ def check_config(config: dict) -> dict:
         for name, conf in config.get(section, {}).items():
             cls = get(conf["name"])
             try:
+                if section == "local_features":  # storage options of the feature store, not the model's
+                    from .local_store import split_conf
+
+                    conf, _ = split_conf(conf)
                 merge_conf({**cls.base_conf, **cls.default_conf}, conf, f"{section}.{name}")
             except ValueError as e:
                 raise ConfigError(str(e)) from None

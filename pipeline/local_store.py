@@ -1,8 +1,8 @@
 """Local features of many images, extracted once, stored by image name.
 
-A store is a folder of HDF5 part files (``part_NNNNNN.h5``), each holding one
+A store is a folder of HDF5 part files (``part_<writer>_NNNNNN.h5``), each holding one
 group per image (hloc's layout: ``keypoints [N, 2]`` float32, ``descriptors
-[N, D]`` float16, ``scores [N]`` float16, ``image_size [2]`` = the described
+[N, D]`` float16 (or float32), ``scores [N]`` float16, ``image_size [2]`` = the described
 width/height, ``original_size [2]``, optional per-keypoint ``levels [N]`` int16 and
 ``scales [N]`` float32, and optional per-image arrays named ``global_*``, e.g. a
 global descriptor that learned scorers such as RRT read). Parts are written
@@ -11,13 +11,30 @@ parts; a re-run reads which images the parts already hold and extracts only the
 others. The folder name carries a hash of the extractor's conf, so features made
 with other settings are never mixed in. ``index.json`` beside the parts maps
 image names to parts (written last) and reports the store's size.
+
+Storage options (the extractor conf's ``store`` entry, see :data:`STORE_DEFAULTS`):
+``descriptors`` float16 (half the size; what LESSONS.md asks where it loses
+nothing) or float32 (part of the folder hash: the values differ);
+``compression`` lzf (fast, default), gzip (smaller, with byte shuffling), or none
+-- per-keypoint arrays are chunked by rows and compressed, tiny ones stay
+contiguous; ``part_size`` images per part file.
+
+At hundreds of thousands of images: parts are immutable once renamed into place,
+so any number of processes may read a store while another adds parts to it
+(readers open parts without HDF5 file locking, which network file systems often
+refuse, and keep at most :data:`MAX_OPEN` of them open); each writer names its
+parts with its own token, so two writers never collide on a part name; the index
+is one JSON map name -> part.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import h5py
@@ -36,14 +53,45 @@ logger = logging.getLogger(__name__)
 PART_SIZE = 256  # images per part file
 CORE = ("keypoints", "descriptors", "scores", "image_size", "original_size", "seconds")
 OPTIONAL = ("levels", "scales")  # per keypoint; per-image arrays are named global_*
+#: storage options of a feature store (an extractor conf's ``store`` entry)
+STORE_DEFAULTS = {"descriptors": "float16", "compression": "lzf", "part_size": PART_SIZE}
+COMPRESSIONS = ("lzf", "gzip", "none")
+#: part files a reader keeps open at once
+MAX_OPEN = 32
+#: arrays smaller than this stay contiguous (compression needs chunks, which cost more than they save)
+MIN_COMPRESS_BYTES = 1024
+
+
+def split_conf(conf: dict) -> tuple[dict, dict]:
+    """``(model conf, storage options)`` of an extractor conf; bad storage options name the problem."""
+    conf = dict(conf)
+    given = conf.pop("store", None) or {}
+    unknown = sorted(set(given) - set(STORE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"local features {conf.get('name')!r}: unknown store option(s) {unknown}; "
+                         f"valid: {sorted(STORE_DEFAULTS)}")
+    store = {**STORE_DEFAULTS, **given}
+    if store["descriptors"] not in ("float16", "float32"):
+        raise ValueError(f"local features {conf.get('name')!r}: store.descriptors must be float16 or float32, "
+                         f"not {store['descriptors']!r}")
+    if store["compression"] not in COMPRESSIONS:
+        raise ValueError(f"local features {conf.get('name')!r}: store.compression must be one of {COMPRESSIONS}, "
+                         f"not {store['compression']!r}")
+    if not isinstance(store["part_size"], int) or store["part_size"] < 1:
+        raise ValueError(f"local features {conf.get('name')!r}: store.part_size must be a positive integer")
+    return conf, store
 
 
 def store_dir(base: str | Path, conf: dict) -> Path:
     """The parts folder for an extractor conf under ``base`` (name + hash of the conf with the
-    model's defaults filled in, so a changed default -- e.g. ALIKED's NMS -- gets a new store)."""
-    cls = get_model_class(conf["name"])
-    full = merge_conf({**cls.base_conf, **cls.default_conf}, conf, f"local features {conf['name']}")
-    return Path(base) / f"{conf['name']}-{conf_hash(full)}"
+    model's defaults filled in, so a changed default -- e.g. ALIKED's NMS -- gets a new store).
+    float32 descriptors are part of the hash; compression and part size are not (same values)."""
+    model_conf, store = split_conf(conf)
+    cls = get_model_class(model_conf["name"])
+    full = merge_conf({**cls.base_conf, **cls.default_conf}, model_conf, f"local features {model_conf['name']}")
+    if store["descriptors"] != STORE_DEFAULTS["descriptors"]:
+        full = {**full, "store_descriptors": store["descriptors"]}
+    return Path(base) / f"{model_conf['name']}-{conf_hash(full)}"
 
 
 def _part_names(path: Path) -> dict[str, float]:
@@ -54,7 +102,7 @@ def _part_names(path: Path) -> dict[str, float]:
         if isinstance(obj, h5py.Group) and "keypoints" in obj:
             names[name] = float(obj.attrs.get("seconds", float("nan")))
 
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         f.visititems(visit)
     return names
 
@@ -74,27 +122,45 @@ def scan_parts(folder: Path, seconds: dict | None = None) -> dict[str, str]:
     return index
 
 
-def write_part(path: Path, feats: dict[str, dict]) -> None:
+def _dataset(g, key, data, compression: str):
+    data = np.ascontiguousarray(data)
+    if compression == "none" or data.nbytes < MIN_COMPRESS_BYTES or data.ndim == 0:
+        return g.create_dataset(key, data=data)
+    # chunks of whole rows (~64 KB): a reader decompresses only what it reads
+    rows = max(1, min(len(data), (1 << 22) // max(1, data[0].nbytes)))
+    opts = {"compression": "gzip", "compression_opts": 4, "shuffle": True} if compression == "gzip" else {"compression": "lzf"}
+    return g.create_dataset(key, data=data, chunks=(rows, *data.shape[1:]), **opts)
+
+
+def write_part(path: Path, feats: dict[str, dict], store: dict | None = None) -> None:
+    """One part file of features by image name, written to a temporary file and renamed."""
+    store = {**STORE_DEFAULTS, **(store or {})}
+    comp = store["compression"]
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for name, d in feats.items():
                 g = f.create_group(name)
                 if "seconds" in d:
                     g.attrs["seconds"] = float(d["seconds"])
-                g.create_dataset("keypoints", data=d["keypoints"].astype(np.float32))
-                g.create_dataset("descriptors", data=d["descriptors"].astype(np.float16))
-                g.create_dataset("scores", data=d["scores"].astype(np.float16))
+                _dataset(g, "keypoints", d["keypoints"].astype(np.float32), comp)
+                _dataset(g, "descriptors", d["descriptors"].astype(store["descriptors"]), comp)
+                _dataset(g, "scores", d["scores"].astype(np.float16), comp)
                 g.create_dataset("image_size", data=np.asarray(d["image_size"], np.int32))
                 g.create_dataset("original_size", data=np.asarray(d["original_size"], np.int32))
                 for key, value in d.items():
                     if key in CORE:
                         continue
                     if key == "levels":
-                        g.create_dataset(key, data=np.asarray(value).astype(np.int16))
+                        _dataset(g, key, np.asarray(value).astype(np.int16), comp)
                     elif key in OPTIONAL or key.startswith("global_"):
-                        g.create_dataset(key, data=np.asarray(value, np.float32))
+                        _dataset(g, key, np.asarray(value, np.float32), comp)
                     else:
                         raise ValueError(f"{path}: unknown feature key {key!r} for image {name!r}")
+
+
+def writer_token() -> str:
+    """A token unique to one writer run (host, process, random): its part names never collide."""
+    return f"{os.uname().nodename.split('.')[0][:16]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def extract_local(conf: dict, root, names: list[str], base, device: str = "auto", num_workers: int = 1) -> dict:
@@ -103,6 +169,7 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
     Returns the index (also written to ``<parts folder>/index.json``).
     """
     folder = store_dir(base, conf)
+    model_conf, store = split_conf(conf)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "conf.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
     index = scan_parts(folder)
@@ -113,9 +180,9 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
     seconds = 0.0
     if todo:
         dev = pick_device(device)
-        model = build_model(conf).eval().to(dev)
+        model = build_model(model_conf).eval().to(dev)
         loader = image_loader(root, todo, model.conf["resize"], 1, num_workers)  # the model's default if unset
-        next_part = max([int(p.stem.split("_")[1]) for p in folder.glob("part_*.h5")] + [-1]) + 1
+        token, next_part = writer_token(), 0
         buffer: dict[str, dict] = {}
         t0 = time.perf_counter()
         for batch in tqdm(loader, total=len(todo), desc=f"local features {conf['name']}", mininterval=2, unit="img"):
@@ -133,11 +200,11 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
                 d["image_size"] = (img.shape[2], img.shape[1])
                 d["original_size"] = orig
                 buffer[todo[i]] = d
-            if len(buffer) >= PART_SIZE:
-                write_part(folder / f"part_{next_part:06d}.h5", buffer)
+            if len(buffer) >= store["part_size"]:
+                write_part(folder / f"part_{token}_{next_part:06d}.h5", buffer, store)
                 next_part, buffer = next_part + 1, {}
         if buffer:
-            write_part(folder / f"part_{next_part:06d}.h5", buffer)
+            write_part(folder / f"part_{token}_{next_part:06d}.h5", buffer, store)
         seconds = time.perf_counter() - t0
     per_image: dict[str, float] = {}
     index = scan_parts(folder, per_image)
@@ -147,7 +214,7 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
         "errors": errors, "extracted_this_run": len(todo) - len(errors), "seconds": seconds,
         # the model's time per image (decoding excluded), kept in the parts across runs
         "image_seconds": {n: per_image[n] for n in names if n in index},
-        "store_bytes": size,
+        "store_bytes": size, "store": store,
     }
     logger.info("%s: %.1f MB for %d images", folder, size / 1e6, len(index))
     write_json(folder / "index.json", info)
@@ -162,15 +229,25 @@ def _original_size(path: Path) -> tuple[int, int]:
 
 
 class FeatureStore:
-    """Read local features by image name (opens part files on demand)."""
+    """Read local features by image name.
 
-    def __init__(self, index_file: str | Path):
+    Parts are opened on demand, read-only and without HDF5 file locking (they
+    never change once written), and at most ``max_open`` stay open (least
+    recently used closed first), so a store of thousands of parts never runs out
+    of file handles and many processes can read it at once.
+    """
+
+    def __init__(self, index_file: str | Path, max_open: int = MAX_OPEN):
         self.index_file = Path(index_file)
-        info = json.loads(self.index_file.read_text())
+        try:
+            info = json.loads(self.index_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.index_file}: unreadable feature index ({e}); delete it to rebuild") from None
         self.folder = Path(info["folder"])
         self.images: dict[str, str] = info["images"]
         self.errors: dict[str, str] = info.get("errors", {})
-        self._files: dict[str, h5py.File] = {}
+        self.max_open = max(1, max_open)
+        self._files: OrderedDict[str, h5py.File] = OrderedDict()
 
     def __contains__(self, name: str) -> bool:
         return name in self.images
@@ -181,16 +258,28 @@ class FeatureStore:
         if missing:
             raise KeyError(f"{self.index_file}: no features for {len(missing)} images, e.g. {missing[:3]}")
 
+    def _file(self, part: str) -> h5py.File:
+        f = self._files.get(part)
+        if f is not None:
+            self._files.move_to_end(part)
+            return f
+        while len(self._files) >= self.max_open:
+            self._files.popitem(last=False)[1].close()
+        try:
+            f = h5py.File(self.folder / part, "r", locking=False)
+        except OSError as e:
+            raise ValueError(f"{self.folder / part}: damaged or missing feature part ({e}); "
+                             "delete it and its index.json to extract its images again") from None
+        self._files[part] = f
+        return f
+
     def get(self, name: str) -> dict | None:
         """Features of one image as numpy arrays (None for an unreadable image)."""
         if name not in self.images:
             if name in self.errors:
                 return None
             raise KeyError(f"{self.index_file}: no features for {name!r}")
-        part = self.images[name]
-        if part not in self._files:
-            self._files[part] = h5py.File(self.folder / part, "r")
-        g = self._files[part][name]
+        g = self._file(self.images[name])[name]
         return {k: g[k][()] for k in g.keys()}
 
     def close(self):

@@ -1,0 +1,142 @@
+"""Local-feature stores at scale: storage options, bounded open files, concurrent readers and writers."""
+
+import multiprocessing as mp
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, check_config
+from pipeline.io import write_json
+from pipeline.local_store import (
+    FeatureStore,
+    extract_local,
+    scan_parts,
+    split_conf,
+    store_dir,
+    write_part,
+)
+
+SIFT = {"name": "sift", "max_keypoints": 300}
+
+
+def fake_features(n_img, n_kpts=700, dim=128, seed=0):
+    rng = np.random.default_rng(seed)
+    feats = {}
+    for i in range(n_img):
+        # quantised like SIFT/RootSIFT values: what float16 keeps exactly and compression squeezes
+        desc = np.round(rng.random((n_kpts, dim)) ** 3 * 64) / 256
+        feats[f"db/{i:05d}.jpg"] = {
+            "keypoints": rng.random((n_kpts, 2)).astype(np.float32) * 640,
+            "descriptors": desc.astype(np.float32), "scores": rng.random(n_kpts).astype(np.float32),
+            "image_size": (640, 480), "original_size": (640, 480), "seconds": 0.1,
+            "levels": rng.integers(0, 3, n_kpts),
+        }
+    return feats
+
+
+def index_of(folder, tmp_path, name="feat.json"):
+    info = {"folder": str(folder), "images": scan_parts(folder), "errors": {}}
+    write_json(tmp_path / name, info)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf", "gzip"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_storage_options_keep_the_values(tmp_path, compression, dtype):
+    feats = fake_features(3)
+    folder = tmp_path / "store"
+    write_part(folder / "part_a_000000.h5", feats, {"descriptors": dtype, "compression": compression})
+    store = FeatureStore(index_of(folder, tmp_path))
+    for name, d in feats.items():
+        got = store.get(name)
+        assert got["descriptors"].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got["descriptors"].astype(np.float32), d["descriptors"])  # exact in float16 too
+        np.testing.assert_array_equal(got["keypoints"], d["keypoints"])
+        np.testing.assert_array_equal(got["levels"], d["levels"])
+    store.close()
+    with h5py.File(folder / "part_a_000000.h5", "r") as f:
+        ds = f["db/00000.jpg/descriptors"]
+        assert ds.compression == (None if compression == "none" else compression)
+        assert ds.chunks is None if compression == "none" else ds.chunks[1] == 128
+        assert f["db/00000.jpg/image_size"].chunks is None  # tiny arrays stay contiguous
+
+
+def test_compression_makes_the_store_smaller(tmp_path):
+    feats = fake_features(8)
+    sizes = {}
+    for comp in ("none", "lzf", "gzip"):
+        write_part(tmp_path / f"{comp}.h5", feats, {"compression": comp})
+        sizes[comp] = (tmp_path / f"{comp}.h5").stat().st_size
+    assert sizes["gzip"] < sizes["lzf"] < sizes["none"], sizes
+
+
+def test_store_options_are_checked_and_only_dtype_changes_the_folder(tmp_path):
+    base = store_dir(tmp_path, SIFT)
+    assert store_dir(tmp_path, {**SIFT, "store": {"compression": "gzip", "part_size": 64}}) == base
+    assert store_dir(tmp_path, {**SIFT, "store": {"descriptors": "float32"}}) != base
+    assert split_conf({**SIFT, "store": {"compression": "gzip"}}) == (SIFT, {"descriptors": "float16",
+                                                                         "compression": "gzip", "part_size": 256})
+    for bad, msg in (({"compression": "zip"}, "compression must be one of"), ({"descriptors": "int8"}, "float16 or float32"),
+                     ({"chunks": 3}, "unknown store option")):
+        with pytest.raises(ValueError, match=msg):
+            split_conf({**SIFT, "store": bad})
+    cfg = {"global_methods": {}, "datasets": {}, "local_features": {"s": {**SIFT, "store": {"compression": "zip"}}}}
+    with pytest.raises((ConfigError, ValueError), match="compression must be one of"):
+        check_config(cfg)
+
+
+def test_reader_keeps_a_bounded_number_of_parts_open(tmp_path):
+    feats = fake_features(10, n_kpts=20)
+    folder = tmp_path / "store"
+    for i, name in enumerate(feats):
+        write_part(folder / f"part_a_{i:06d}.h5", {name: feats[name]})
+    store = FeatureStore(index_of(folder, tmp_path), max_open=3)
+    for _ in range(2):
+        for name, d in feats.items():
+            np.testing.assert_array_equal(store.get(name)["keypoints"], d["keypoints"])
+            assert len(store._files) <= 3
+    store.close()
+
+
+def test_damaged_part_names_the_file(tmp_path):
+    feats = fake_features(2, n_kpts=20)
+    folder = tmp_path / "store"
+    write_part(folder / "part_a_000000.h5", feats)
+    index = index_of(folder, tmp_path)
+    (folder / "part_a_000000.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(ValueError, match=r"part_a_000000.h5: damaged or missing feature part"):
+        FeatureStore(index).get("db/00000.jpg")
+
+
+def _read_all(args):
+    index, names, rounds = args
+    store = FeatureStore(index, max_open=4)
+    total = 0.0
+    for _ in range(rounds):
+        for n in names:
+            total += float(store.get(n)["keypoints"].sum())
+    store.close()
+    return total
+
+
+def test_concurrent_readers_while_a_writer_adds_parts(tiny_dataset, tmp_path):
+    """Several processes read a store while extract_local adds parts to it: no locking errors, same values."""
+    from pipeline.datasets.index import index_dataset, read_table
+
+    index_dataset(tiny_dataset, tmp_path / "index")
+    names = read_table(tmp_path / "index" / "database.csv").name.tolist()
+    conf = {**SIFT, "store": {"part_size": 2}}
+    info = extract_local(conf, tiny_dataset, names[:6], tmp_path / "local", device="cpu")
+    write_json(tmp_path / "feat.json", info)
+    expected = _read_all((tmp_path / "feat.json", names[:6], 1))
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        pending = pool.map_async(_read_all, [(tmp_path / "feat.json", names[:6], 20)] * 3)
+        more = extract_local(conf, tiny_dataset, names, tmp_path / "local", device="cpu")  # writes beside them
+        results = pending.get(timeout=300)
+    assert results == pytest.approx([20 * expected] * 3)
+    assert more["extracted_this_run"] == len(names) - 6
+    parts = sorted(p.name for p in (tmp_path / "local").glob("*/part_*.h5"))
+    # two writer runs, two tokens: part names never collide
+    assert len({p.rsplit("_", 1)[0] for p in parts}) == 2 and len(parts) == 3 + -(-(len(names) - 6) // 2)
