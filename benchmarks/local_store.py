@@ -29,10 +29,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.images import load_tensor  # noqa: E402
-from pipeline.io import write_json  # noqa: E402
-from pipeline.local_features import build_model  # noqa: E402
-from pipeline.local_store import PART_SIZE, FeatureStore, scan_parts, write_part  # noqa: E402
+from pipeline.images import load_tensor
+from pipeline.io import write_json
+from pipeline.local_features import build_model
+from pipeline.local_store import PART_SIZE, FeatureStore, scan_parts, write_part
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 EXTRACTORS = {

@@ -43,9 +43,9 @@ import torch
 from tqdm import tqdm
 
 from .extract_global import conf_hash, image_loader, pick_device
+from .global_features.base import merge_conf
 from .images import to_float
 from .io import atomic_path, write_json
-from .global_features.base import merge_conf
 from .local_features import build_model, get_model_class
 
 logger = logging.getLogger(__name__)
