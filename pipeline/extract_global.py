@@ -56,8 +56,14 @@ def num_shards(n: int, shard_size: int) -> int:
 
 
 def pick_device(device: str) -> torch.device:
+    """``auto``: a GPU when there is one (with several, one no other job holds: :mod:`pipeline.gpus`),
+    else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as given."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from .gpus import claim_gpu
+
+        return torch.device("cuda", claim_gpu(torch.cuda.device_count()))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
     return torch.device(device)

@@ -506,13 +506,9 @@ def fit_stats_csv(model: str, csv, out_json, positive: str | None = None, l2: fl
 
 
 def pick_device(device: str = "auto"):
-    import torch
+    from ..extract_global import pick_device as pick
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
-    return torch.device(device)
+    return pick(str(device))
 
 
 def build_mobilenet(width_mult: float = 1.0, num_classes: int = 2):
