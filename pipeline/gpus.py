@@ -6,9 +6,9 @@ several GPU jobs at once (``--resources gpu=N``) but does not say which GPU each
 should take: without care they would all pile onto GPU 0. :func:`claim_gpu` gives
 each process a GPU nobody else holds, through an exclusive lock on
 ``<lock dir>/gpu<i>.lock`` (``fcntl.flock``: released by the kernel when the
-process ends, also when it is killed). With every GPU taken it shares the one
-whose lock file was claimed least recently... in practice the number of GPU jobs
-is capped by ``--resources gpu=N``, so a free one exists.
+process ends, also when it is killed). With every GPU taken (more GPU jobs than
+GPUs) it warns and shares one; ``--resources gpu=N`` with N the number of GPUs
+keeps that from happening.
 """
 
 from __future__ import annotations
