@@ -19,6 +19,15 @@ GMETHODS = config["global_methods"]
 # every rule runs the package's CLI, with the workflow folder on the path
 PY = f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} python -m pipeline"
 CONDA_ENV = "../../" + config["conda_env"]
+GPUS = config["gpus_per_job"]  # the `gpu` resource of the GPU-capable rules
+
+
+# trivial jobs run where snakemake runs, never as cluster jobs
+localrules:
+    stamp,
+    results,
+    rerank_results,
+    dataset_summary,
 
 
 def alternation(names):

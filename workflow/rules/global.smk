@@ -26,7 +26,9 @@ rule fit_global:
         f"{WORK}/logs/fit_{{dataset}}_{{gmethod}}.log",
     threads: 2
     resources:
+        gpu=GPUS,
         mem_mb=8000,
+        runtime=120,
     conda:
         CONDA_ENV
     shell:
@@ -52,6 +54,7 @@ rule extract_database_shard:
         f"{WORK}/logs/extract_{{dataset}}_{{gmethod}}_database_{{shard}}.log",
     threads: 2
     resources:
+        gpu=GPUS,
         mem_mb=8000,
         runtime=240,
     conda:
@@ -79,7 +82,9 @@ rule extract_queries:
         f"{WORK}/logs/extract_{{dataset}}_{{gmethod}}_queries.log",
     threads: 2
     resources:
+        gpu=GPUS,
         mem_mb=8000,
+        runtime=120,
     conda:
         CONDA_ENV
     shell:

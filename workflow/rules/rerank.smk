@@ -78,7 +78,9 @@ rule extract_local:
         f"{WORK}/logs/local_{{dataset}}_{{features}}.log",
     threads: 2
     resources:
+        gpu=GPUS,
         mem_mb=8000,
+        runtime=480,
     conda:
         CONDA_ENV
     shell:
@@ -119,7 +121,9 @@ rule match:
         f"{WORK}/logs/match_{{dataset}}_{{retrieval}}_{{features}}+{{matcher}}.log",
     threads: 2
     resources:
+        gpu=GPUS,
         mem_mb=8000,
+        runtime=480,
     conda:
         CONDA_ENV
     shell:
