@@ -352,8 +352,6 @@ def build_index(db_stores, out: str | Path, index: str = "auto", train_size: int
 
 def index_rows(info: dict) -> np.ndarray:
     """Database row of every index id."""
-    if "rows" in info:  # indexes built before rows were derived from invalid_rows
-        return np.asarray(info["rows"], np.int64)
     keep = np.ones(int(info["n_rows"]), bool)
     keep[np.asarray(info["invalid_rows"], np.int64)] = False
     return np.flatnonzero(keep)
@@ -464,9 +462,8 @@ def search(index_path, query_store, out, k: int = 100, batch_size: int = 1024, n
            use_gpu="auto", database=None, rescore: int = 0) -> TopK:
     """Top-k database candidates for every valid query, written as a top-k file.
 
-    ``database``: the store(s) the index was built from (for the names, the
-    ``sharded`` search and re-scoring); indexes from before the names left the
-    .json work without it. ``rescore`` > 0: a compressed index proposes
+    ``database``: the store(s) the index was built from (the names, the
+    ``sharded`` search and re-scoring read it). ``rescore`` > 0: a compressed index proposes
     ``rescore * k`` candidates per query, re-ranked by their exact descriptors
     (:func:`rescore_exact`); ignored for exact indexes.
     """
@@ -475,14 +472,14 @@ def search(index_path, query_store, out, k: int = 100, batch_size: int = 1024, n
     q = GlobalStore(query_store)
     if q.dim != info["dim"]:
         raise ValueError(f"{query_store}: {q.dim}-d queries do not fit the {info['dim']}-d index {index_path}")
-    db = None
-    if database is not None:
-        db = ConcatSource(database)
-        if "n_rows" in info and len(db) != info["n_rows"]:
-            raise ValueError(f"{index_path} was built over {info['n_rows']} database rows, {db.paths} has {len(db)}: "
-                             "rebuild the index")
-    elif "names" not in info or info["factory"] == "sharded" or (rescore and not is_exact(info["factory"])):
+    if database is None:
         raise ValueError(f"{index_path}: searching it needs the database store it was built from (database=)")
+    if "n_rows" not in info:
+        raise ValueError(f"{index_path}: built by an older version of the pipeline; rebuild the index")
+    db = ConcatSource(database)
+    if len(db) != info["n_rows"]:
+        raise ValueError(f"{index_path} was built over {info['n_rows']} database rows, {db.paths} has {len(db)}: "
+                         "rebuild the index")
     n_db = int(info["n"])
     k_eff = min(k, n_db)
     if k_eff < k:
@@ -499,7 +496,7 @@ def search(index_path, query_store, out, k: int = 100, batch_size: int = 1024, n
     if not qnames:
         raise ValueError(f"{query_store}: no valid query descriptors")
     x = normalize(np.concatenate(qvecs))
-    rescored = 0
+    k_search = k_eff
     if info["factory"] == "sharded":
         S, I = sharded_search([db], x, k_eff, info.get("chunk_size", 100_000), progress=True)
         dist = to_squared_l2(S, "ip")
@@ -507,35 +504,28 @@ def search(index_path, query_store, out, k: int = 100, batch_size: int = 1024, n
         idx = faiss.read_index(str(index_path))
         work, on_gpu = to_device(idx, use_gpu)
         _set_nprobe(work, nprobe, on_gpu)
-        k_search = k_eff if (not rescore or is_exact(info["factory"])) else min(n_db, rescore * k_eff)
+        if rescore and not is_exact(info["factory"]):
+            k_search = min(n_db, rescore * k_eff)
         cand, dist = [], []
         for a in tqdm(range(0, len(x), batch_size), desc="search", mininterval=2):
             D, I = work.search(np.ascontiguousarray(x[a : a + batch_size]), k_search)
             cand.append(I)
             dist.append(to_squared_l2(D, metric))  # squared L2 = 2 - 2 cos
         I, dist = np.concatenate(cand), np.concatenate(dist)
-        if k_search > k_eff:
-            logger.info("re-scoring %d candidates per query with the exact descriptors", k_search)
-            rows = np.where(I >= 0, rows_of_id[np.maximum(I, 0)], -1)
-            S, rows = rescore_exact(db, x, rows, k_eff)
-            dist = to_squared_l2(S, "ip")
-            rescored = k_search
-            I = None
-            db_rows = rows
-    if I is not None:
-        if (I < 0).any():
-            raise RuntimeError(f"{index_path}: the index returned fewer than k={k_eff} results (nprobe too small?)")
-        db_rows = rows_of_id[I]
-    elif (db_rows < 0).any() or not np.isfinite(dist).all():
+    db_rows = np.where(I >= 0, rows_of_id[np.maximum(I, 0)], -1)
+    if k_search > k_eff:
+        logger.info("re-scoring %d candidates per query with the exact descriptors", k_search)
+        S, db_rows = rescore_exact(db, x, db_rows, k_eff)
+        dist = to_squared_l2(S, "ip")
+    if (db_rows < 0).any() or not np.isfinite(dist).all():
         raise RuntimeError(f"{index_path}: the index returned fewer than k={k_eff} results (nprobe too small?)")
     if skipped:
         logger.warning("%d unreadable queries have no candidates: %s", len(skipped), skipped[:5])
-    names = _names_at(db, db_rows) if db is not None else np.asarray(info["names"], dtype=object)[
-        np.searchsorted(rows_of_id, db_rows)]
+    names = _names_at(db, db_rows)
     topk = TopK(
         np.array(qnames, dtype=object), names, db_rows, dist,
         {**(meta or {}), "k": k_eff, "index": info["factory"], "metric": metric, "nprobe": nprobe,
-         "rescored": rescored, "skipped_queries": skipped, "n_database": n_db},
+         "rescored": k_search if k_search > k_eff else 0, "skipped_queries": skipped, "n_database": n_db},
     )
     write_topk(out, topk)
     return topk
