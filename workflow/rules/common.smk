@@ -80,12 +80,20 @@ def named_with_stamp(output, named):
     return {**named, "stamp": rebuild_if_inputs_missing(output, named.values())[-1]}
 
 
+def shard_output(path):
+    """Database shard stores are kept, or (retrieval.keep_shards: false) deleted by Snakemake once
+    gathered into database.zarr: half the disk, but a re-gather then re-extracts them."""
+    return path if config["retrieval"]["keep_shards"] else temp(path)
+
+
 def database_shards(wildcards):
     """All database shard stores of a dataset/method (known once the index exists)."""
     table = checkpoints.index_dataset.get(dataset=wildcards.dataset).output.database
     n = num_shards(len(read_table(table)), config["retrieval"]["shard_size"])
     gdir = f"{WORK}/{wildcards.dataset}/global/{wildcards.gmethod}"
     shards = [f"{gdir}/database/shard_{i:04d}.zarr" for i in range(n)]
+    if not config["retrieval"]["keep_shards"]:  # deleted on purpose: no rebuild when they are gone
+        return shards
     return rebuild_if_inputs_missing(f"{gdir}/database.zarr", shards)
 
 

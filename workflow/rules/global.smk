@@ -42,7 +42,7 @@ rule extract_database_shard:
         table=f"{WORK}/{{dataset}}/index/database.csv",
         fit=fit_state,
     output:
-        directory(f"{GDIR}/database/shard_{{shard}}.zarr"),
+        shard_output(directory(f"{GDIR}/database/shard_{{shard}}.zarr")),
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
