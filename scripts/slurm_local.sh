@@ -33,7 +33,9 @@
 # node's declared size: default nproc, and MemTotal less 10 %, 512 MB to 2 GB; SLURM refuses
 # jobs asking more, and takes a declared size above the hardware: SlurmdParameters=
 # config_overrides); SLURM_LOCAL_CTLD_PORT, SLURM_LOCAL_SLURMD_PORT (6817, 6818);
-# SLURM_LOCAL_TIMEOUT (seconds to wait for the node, 90). Settings apply when slurmctld starts.
+# SLURM_LOCAL_TIMEOUT (seconds to wait for the node, 90); SLURM_LOCAL_GPUS (2: GPUs the node
+# declares, counted only, so that GPU requests -- sbatch --gpus -- are scheduled as on a GPU
+# cluster; the jobs see no GPU). Settings apply when slurmctld starts.
 set -euo pipefail
 
 D=${SLURM_LOCAL_DIR:-/tmp/vg-slurm}
@@ -119,13 +121,25 @@ start_munge() {
 }
 
 write_conf() {
-    local cpus mem total margin
+    local cpus mem total margin gpus gres
     cpus=${SLURM_LOCAL_CPUS:-$(nproc)}
     total=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     margin=$((total / 10))
     [ "$margin" -lt 512 ] && margin=512
     [ "$margin" -gt 2048 ] && margin=2048
     mem=${SLURM_LOCAL_MEM_MB:-$((total - margin))}
+    gpus=${SLURM_LOCAL_GPUS:-2}
+    # stand-in GPUs: generic resources `gpu` backed by harmless character devices (slurmd counts
+    # a gpu only with a File), so sbatch --gpus=N is accepted, scheduled and sets
+    # CUDA_VISIBLE_DEVICES as on a GPU cluster; the jobs see no real GPU
+    local dev devs=(/dev/null /dev/zero /dev/full /dev/urandom)
+    [ "$gpus" -le ${#devs[@]} ] || die "SLURM_LOCAL_GPUS=$gpus: at most ${#devs[@]} stand-in GPUs"
+    echo "$MARK" >"$D/gres.conf"
+    gres=""
+    [ "$gpus" -gt 0 ] && gres="Gres=gpu:$gpus"
+    for dev in "${devs[@]:0:$gpus}"; do
+        echo "NodeName=$NODE Name=gpu File=$dev" >>"$D/gres.conf"
+    done
     cat >"$CONF.new" <<EOF
 $MARK: a one-node test cluster, state in $D
 ClusterName=vglocal
@@ -153,6 +167,7 @@ SchedulerType=sched/backfill
 EnforcePartLimits=ALL
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+GresTypes=gpu  # stand-in GPUs, see gres.conf
 # the node is what this file says (no draining for small differences to the hardware)
 SlurmdParameters=config_overrides
 ReturnToService=2
@@ -169,7 +184,7 @@ SlurmctldLogFile=$D/log/slurmctld.log
 SlurmdLogFile=$D/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$cpus RealMemory=$mem $gres State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
     mv "$CONF.new" "$CONF"

@@ -78,23 +78,3 @@ def test_missing_shard_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"shard_0002.zarr: holds rows 100..123 but rows from 50"):
         gather_stores([paths[0], paths[2]], tmp_path / "database.zarr", progress=False)
 
-
-def test_workflow_can_drop_gathered_shards(tmp_path):
-    """retrieval.keep_shards: false -> the shards are deleted once gathered, and their absence
-    re-runs nothing (half the disk at SF-XL's scale)."""
-    import yaml
-
-    from .conftest import make_dataset
-    from .test_workflow import METHOD, snakemake
-
-    make_dataset(tmp_path / "data" / "tiny", n_db=12, n_q=4)
-    cfg = {"datasets": {"tiny": {"root": "data/tiny"}}, "global_methods": {"vlad": METHOD},
-           "retrieval": {"k": 5, "shard_size": 5, "keep_shards": False}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    code, out = snakemake(tmp_path)
-    assert code == 0, out
-    gdir = tmp_path / "work" / "tiny" / "global" / "vlad"
-    assert not list((gdir / "database").glob("shard_*")) and GlobalStore(gdir / "database.zarr").names
-    assert (tmp_path / "results" / "tiny" / "vlad.csv").exists()
-    code, out = snakemake(tmp_path, "-n")
-    assert code == 0 and "Nothing to be done" in out, out

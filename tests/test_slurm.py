@@ -179,3 +179,22 @@ def test_second_run_submits_nothing(runs):
     code, out = _run_profile(wd, _fit_node(*_node_size()))
     assert code == 0, out
     assert "Nothing to be done" in out and "submitted with SLURM jobid" not in out, out
+
+
+def test_gpu_requests_reach_sbatch(runs):
+    """gpus_per_job=1 -> the GPU-capable rule's job asks SLURM for a GPU and gets one (the local
+    cluster's stand-in GPUs: scripts/slurm_local.sh), as on a GPU cluster; CPU rules ask none."""
+    r = subprocess.run(["sinfo", "-h", "-o", "%G"], check=False, capture_output=True, text=True, timeout=30)
+    if "gpu" not in r.stdout:
+        pytest.skip(f"the cluster declares no GPUs (sinfo %G: {r.stdout.strip()!r})")
+    _, wd, _ = runs
+    target = "work/syn/global/vlad_sift/queries.zarr"
+    shutil.rmtree(wd / target)  # the last test of the module: nothing else reads this workdir after it
+    code, out = _run_profile(wd, [target, *_fit_node(*_node_size()), "--config", "gpus_per_job=1"])
+    assert code == 0, out
+    assert re.findall(r"^rule (\w+):$", out, re.MULTILINE) == ["extract_queries"], out
+    (jobid,) = re.findall(r"submitted with SLURM jobid (\d+)", out)
+    job = subprocess.run(["scontrol", "show", "job", jobid], check=False, capture_output=True, text=True,
+                         timeout=60).stdout
+    assert "JobState=COMPLETED" in job and re.search(r"gres[/:]gpu[:=]1", job), job
+    assert (wd / target).is_dir()

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.extract_global import GlobalStore
 from pipeline.rerank import needed_images
 
 from .test_workflow import job_counts, snakemake
@@ -26,7 +27,8 @@ CONFIG = {
         "sift_count": {"retrieval": "vlad_sift", "features": "sift", "matcher": "mnn_ratio", "scorer": "count",
                        "k": 10, "device": "cpu"},
     },
-    "retrieval": {"k": 20},
+    # 60-image shards, deleted once gathered (retrieval.keep_shards: false): nothing re-runs for their absence
+    "retrieval": {"k": 20, "shard_size": 60, "keep_shards": False},
     "evaluation": {"recall_at": [1, 5, 10, 20]},
 }
 
@@ -54,6 +56,17 @@ def test_rerank_raises_recall_at_1(project):
     assert rr.rerank_s_per_query == pytest.approx(
         rr.extract_s_per_query + rr.match_s_per_query + rr.score_s_per_query, abs=0.02)
     assert rr.weights == "none"  # SIFT + RANSAC: no weight files
+
+
+def test_gathered_shards_are_dropped_and_stay_dropped(project):
+    wd, _ = project
+    gdir = wd / "work" / "syn" / "global" / "vlad_sift"
+    # one job per shard (jobs after the index checkpoint are not in the first job table: count their logs)
+    n_db = len(GlobalStore(gdir / "database.zarr"))
+    shards = len(list((wd / "work" / "logs").glob("extract_syn_vlad_sift_database_*.log")))
+    assert shards == -(-n_db // 60) >= 2, (shards, n_db)
+    assert not list((gdir / "database").glob("shard_*")), "keep_shards: false should delete the gathered shards"
+    assert "Nothing to be done" in snakemake(wd, "-n")[1]
 
 
 def test_each_image_extracted_once(project):
