@@ -22,6 +22,15 @@ no query x database matrix is ever held in memory. faiss-gpu is used when presen
 (``faiss.get_num_gpus() > 0`` and the index type has a GPU version), else the CPU;
 the choice is logged.
 
+With ``rescore`` > 0 a compressed (non-exact) index proposes ``rescore * k``
+candidates per query and their exact descriptors, read from the database store,
+decide the final top-k (:func:`rescore_exact`).
+
+The database is the gathered store (:mod:`pipeline.gather`) or several stores read
+as one (:class:`ConcatSource`); the index's ``.json`` records its row count and the
+rows left out (unreadable images), and search reads names only for the returned
+candidates, so nothing holds millions of names.
+
 Distances in the top-k file are squared L2 distances of the normalised
 descriptors (``2 - 2 cos``), whatever the index metric, so the rest of the pipeline
 recovers the cosine similarity as ``1 - d / 2``.
