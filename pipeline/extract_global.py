@@ -198,7 +198,7 @@ def extract_global(
         "dtype": dtype, "names_hash": conf_hash(names),
         "fit_state_hash": _file_hash(fit_state) if fit_state else None,
     }
-    group = _open_partial(partial, progress, signature)
+    group = open_partial_store(partial, progress, signature, n, dim, dtype, chunk_size)
     if "names" not in group:  # a partial store started before names were kept as an array
         write_names(group, names, max(chunk_size, 65536))
     desc_arr, valid_arr = group["descriptors"], group["valid"]
@@ -282,22 +282,31 @@ def write_names(group, names, chunk_size: int = 65536, start: int = 0, total: in
         group["names"][start : start + len(names)] = np.asarray(names, dtype=object)
 
 
-def _open_partial(partial: Path, progress: Path, signature: dict):
-    """Open (or start) the partial store; restart it if it was made with other settings."""
+def open_partial_store(partial: Path, progress: Path, signature: dict, n: int, dim: int, dtype: str,
+                       chunk_rows: int, with_names: bool = False):
+    """Open (or start) a partial descriptor store; start over if it was made with other settings.
+
+    ``signature`` is kept in ``progress/signature.json`` and compared on reopening. A
+    new store gets ``descriptors [n, dim]`` and ``valid [n]`` (and ``names [n]``)
+    chunked alike by ``chunk_rows`` rows, so writing one chunk never rewrites another.
+    """
     sig_file = progress / "signature.json"
+    want = json.loads(json.dumps(signature, default=str))
     if partial.exists():
         old = json.loads(sig_file.read_text()) if sig_file.exists() else None
-        if old == json.loads(json.dumps(signature, default=str)):
+        if old == want:
             return zarr.open_group(str(partial), mode="r+")
         logger.warning("%s was started with other settings: starting over", partial)
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(progress, ignore_errors=True)
     progress.mkdir(parents=True)
     group = zarr.open_group(str(partial), mode="w")
-    n, dim, cs = signature["n"], signature["dim"], signature["chunk_size"]
-    group.create_array("descriptors", shape=(n, dim), chunks=(min(cs, max(n, 1)), dim), dtype=signature["dtype"], fill_value=0)
-    group.create_array("valid", shape=(n,), chunks=(min(cs, max(n, 1)),), dtype=bool, fill_value=False)
-    sig_file.write_text(json.dumps(signature, default=str))
+    rows = max(1, min(chunk_rows, n))
+    group.create_array("descriptors", shape=(n, dim), chunks=(rows, dim), dtype=dtype, fill_value=0)
+    group.create_array("valid", shape=(n,), chunks=(rows,), dtype=bool, fill_value=False)
+    if with_names:
+        write_names(group, [], rows, total=n)
+    sig_file.write_text(json.dumps(want))
     return group
 
 

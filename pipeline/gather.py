@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from .extract_global import GlobalStore, conf_hash, write_names
+from .extract_global import GlobalStore, conf_hash, open_partial_store, write_names
 from .io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def gather_stores(shards: list[str | Path], out: str | Path, chunk_rows: int = 8
     }
     partial = out.with_name(out.name + ".partial")
     prog = out.with_name(out.name + ".progress")
-    group = _open_partial(partial, prog, signature)
+    group = open_partial_store(partial, prog, signature, n, dim, str(dtype), chunk_rows, with_names=True)
     done = {int(p.name.split("_")[1]) for p in prog.glob("chunk_*")}
     if done:
         logger.info("%s: resuming, %d of %d chunks already copied", out, len(done), n_chunks)
@@ -116,22 +116,3 @@ def gather_stores(shards: list[str | Path], out: str | Path, chunk_rows: int = 8
     logger.info("%s: %d descriptors (%d valid) gathered from %d shards", out, n, attrs["n_valid"], len(stores))
     return attrs
 
-
-def _open_partial(partial: Path, prog: Path, signature: dict):
-    sig_file = prog / "signature.json"
-    want = json.loads(json.dumps(signature, default=str))
-    if partial.exists() and sig_file.exists() and json.loads(sig_file.read_text()) == want:
-        return zarr.open_group(str(partial), mode="r+")
-    if partial.exists():
-        logger.warning("%s was started from other shards: starting over", partial)
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(prog, ignore_errors=True)
-    prog.mkdir(parents=True)
-    g = zarr.open_group(str(partial), mode="w")
-    n, dim, cr = signature["n"], signature["dim"], signature["chunk_rows"]
-    g.create_array("descriptors", shape=(n, dim), chunks=(cr, dim), dtype=signature["dtype"], fill_value=0)
-    # every array chunked alike: a copied chunk never rewrites a chunk of an earlier one
-    g.create_array("valid", shape=(n,), chunks=(cr,), dtype=bool, fill_value=False)
-    write_names(g, [], cr, total=n)
-    sig_file.write_text(json.dumps(want))
-    return g
