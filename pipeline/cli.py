@@ -130,13 +130,13 @@ def cmd_extract_local(a):
 def cmd_match(a):
     from .rerank import match_topk
 
-    match_topk(a.features, a.conf, a.topk, a.k, a.out, _resolver(a), a.device, root=a.root)
+    match_topk(a.features, a.conf, a.topk, a.k, a.out, _resolver(a), a.device, root=a.root, store_base=a.store_base)
 
 
 def cmd_score(a):
     from .rerank import score_topk
 
-    score_topk(a.features, a.matches, a.conf, a.topk, a.k, a.out, _resolver(a), a.meta)
+    score_topk(a.features, a.matches, a.conf, a.topk, a.k, a.out, _resolver(a), a.meta, workers=a.workers)
 
 
 def cmd_rerank_results(a):
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default=None)
     s.add_argument("--index-dir", default=None)
     s.add_argument("--device", default="auto")
+    s.add_argument("--store-base", default=None,
+                   help="folder of the pair-keyed match stores (default: 'pairs' beside --out)")
     s.set_defaults(func=cmd_match)
 
     s = sub.add_parser("score", help="score matches and write the re-ranked top-k file")
@@ -325,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--meta", type=_json, default={})
     s.add_argument("--root", default=None)
     s.add_argument("--index-dir", default=None)
+    s.add_argument("--workers", type=int, default=1, help="processes scoring queries in parallel")
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("rerank-results", help="results CSV of a re-ranking method beside its retrieval")

@@ -5,9 +5,11 @@ Three steps, each materialised on disk so that a change re-runs only what it aff
 1. ``needed_images``: the queries plus the union of their top-K candidates; their
    local features are extracted once per extractor (:mod:`pipeline.local_store`).
 2. ``match_topk``: matches of every (query, candidate) pair for one extractor and
-   matcher, stored ragged in one HDF5 file (``matches [T, 2]``, ``scores [T]``,
-   ``offsets [Q*K + 1]``). Work is done in blocks of queries written atomically,
-   so an interrupted run resumes.
+   matcher, in a store keyed by the pair (:mod:`pipeline.match_store`): a pair is
+   matched once whichever retrieval and K ask for it; parts are written atomically,
+   so an interrupted run resumes. Blocks of pairs are read from the feature store by
+   a background thread while the matcher runs the block before, batched as the
+   matcher can (:meth:`pipeline.matchers.base.Matcher.match_block`).
 3. ``score_topk``: a scorer turns each pair's matches into a score; candidates
    are re-ordered by it (ties keep the retrieval order) and written as a new
    top-k file, so the same evaluation applies to retrieval and re-ranking.
@@ -17,26 +19,31 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
+import queue
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
-import h5py
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .extract_global import pick_device
 from .io import atomic_path
-from .local_store import FeatureStore
+from .local_store import FeatureStore, writer_token
+from .match_store import MatchView, PartWriter, scan, store_dir, write_view
 from .matchers import build_matcher
 from .scorers import build_scorer
 from .topk import TopK, read_topk, write_topk
 
 logger = logging.getLogger(__name__)
 
-BLOCK = 16  # queries per resumable block of matching
+BLOCK_PAIRS = 512  # pairs per block handed to the matcher (it batches within a block)
 CACHE = 512  # images whose features stay on the device while matching (neighbouring queries share candidates)
+IMAGES = "images"  # the features of image-input matchers, in store names
 
 
 class NameResolver:
@@ -83,30 +90,45 @@ def needed_images(topks: list[tuple[str | Path, int]], resolve=lambda n: n) -> l
     return list(names)
 
 
-def _torch_feats(d: dict, device) -> dict:
+def _host_feats(d: dict) -> dict:
+    """A feature dict as CPU tensors (what the loader thread hands to the device)."""
     out = {}
     for key, value in d.items():
         if key == "original_size":
             continue
         if key in ("image_size", "levels"):
-            out[key] = torch.as_tensor(np.asarray(value).astype(np.int64)).to(device)
+            out[key] = torch.as_tensor(np.asarray(value).astype(np.int64))
         else:
-            out[key] = torch.from_numpy(np.asarray(value, np.float32)).to(device)
+            out[key] = torch.from_numpy(np.asarray(value, np.float32))
     return out
 
 
 class FeatureSource:
-    """Feature dicts of an extractor's store, as torch tensors on the device."""
+    """Feature dicts of an extractor's store: read on the host (``load_host``, in the loader
+    thread), then moved to the device (``to_device``)."""
 
     def __init__(self, index_file, device):
-        self.store, self.device = FeatureStore(index_file), device
+        self.store, self.device = FeatureStore(index_file), torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.lock = threading.Lock()  # the store's open-file cache is not thread-safe
 
     def check(self, names) -> None:
         self.store.check(names)
 
+    def load_host(self, name: str):
+        with self.lock:
+            d = self.store.get(name)
+        if d is None:
+            return None
+        t = _host_feats(d)
+        return {k: v.pin_memory() for k, v in t.items()} if self.pin else t
+
+    def to_device(self, x):
+        return {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
+
     def load(self, name: str):
-        d = self.store.get(name)
-        return _torch_feats(d, self.device) if d is not None else None
+        x = self.load_host(name)
+        return self.to_device(x) if x is not None else None
 
     def close(self) -> None:
         self.store.close()
@@ -119,7 +141,7 @@ class ImageSource:
     """
 
     def __init__(self, root, resize, device):
-        self.root, self.resize, self.device = Path(root), resize, device
+        self.root, self.resize, self.device = Path(root), resize, torch.device(device)
         self.errors: dict[str, str] = {}
 
     def check(self, names) -> None:
@@ -127,39 +149,98 @@ class ImageSource:
         if missing:
             raise FileNotFoundError(f"{len(missing)} images are not under {self.root}, e.g. {missing[:3]}")
 
-    def load(self, name: str):
-        from .images import ImageReadError, load_uint8, to_float
+    def load_host(self, name: str):
+        from .images import ImageReadError, load_uint8
 
         try:
-            return to_float(load_uint8(self.root / name, self.resize).to(self.device))
+            x = load_uint8(self.root / name, self.resize)
         except ImageReadError as e:
             self.errors[name] = str(e)
             logger.warning("skipped: %s", e)
             return None
+        return x.pin_memory() if self.device.type == "cuda" else x
+
+    def to_device(self, x):
+        from .images import to_float
+
+        return to_float(x.to(self.device, non_blocking=True))
+
+    def load(self, name: str):
+        x = self.load_host(name)
+        return self.to_device(x) if x is not None else None
 
     def close(self) -> None:
         pass
 
 
-def _block_arrays(kind: str, results: list[dict]) -> dict[str, np.ndarray]:
-    """One block's results as arrays (ragged kinds get ``counts``)."""
-    if kind == "pair_score":
-        return {"pair_scores": np.stack([r["pair_score"].cpu().numpy().astype(np.float32) for r in results])}
-    counts = np.asarray([len(r["scores"]) for r in results], np.int64)
-    scores = np.concatenate([r["scores"].cpu().numpy().astype(np.float16) for r in results])
-    if kind == "points":
-        pts = [torch.cat([r["keypoints0"], r["keypoints1"]], 1).cpu().numpy().astype(np.float32) for r in results]
-        return {"points": np.concatenate(pts).reshape(-1, 4), "scores": scores, "counts": counts}
-    m = [r["matches"].cpu().numpy().astype(np.int32) for r in results]
-    return {"matches": np.concatenate(m).reshape(-1, 2), "scores": scores, "counts": counts}
+def _prefetch(source, blocks, depth: int = 2):
+    """Yield ``(block, {name: host data})`` for each block of pairs, read by a background
+    thread while the caller matches the block before (hloc's overlap of I/O and compute).
+    Images already handed out in the last few blocks are not read again (``None``: reuse)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    recent: OrderedDict[str, None] = OrderedDict()
+
+    def work():
+        try:
+            for block in blocks:
+                data = {}
+                for q_name, c_name in block:
+                    for name in (q_name, c_name):
+                        if name in data:
+                            continue
+                        if name in recent:
+                            recent.move_to_end(name)
+                            data[name] = REUSE
+                        else:
+                            data[name] = source.load_host(name)
+                            recent[name] = None
+                            if len(recent) > CACHE // 2:
+                                recent.popitem(last=False)
+                while not stop.is_set():
+                    try:
+                        q.put((block, data), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(None)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    t = threading.Thread(target=work, name="match-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+#: marks an image the prefetcher handed out recently (the consumer's cache holds it)
+REUSE = object()
+
+
+def _to_numpy(r: dict) -> dict:
+    return {k: v.cpu().numpy() for k, v in r.items()}
 
 
 def match_topk(features: str | Path | None, matcher_conf: dict, topk_path, k: int, out, resolve=lambda n: n,
-               device: str = "auto", root=None) -> dict:
-    """Run a matcher on every query and its first ``k`` candidates; write the matches file.
+               device: str = "auto", root=None, store_base=None) -> dict:
+    """Match every query with its first ``k`` candidates; write the view file ``out``.
 
-    ``features`` is the feature store's index for feature-input matchers; image-input
-    matchers (LoFTR, CVNet) read the images under ``root`` instead (``features`` None).
+    Pairs are matched into the pair-keyed store under ``store_base`` (default: a
+    ``pairs`` folder beside ``out``; see :mod:`pipeline.match_store`): only pairs that no
+    earlier run (another K, another retrieval) matched are matched now. ``features`` is the
+    feature store's index for feature-input matchers; image-input matchers (LoFTR, CVNet)
+    read the images under ``root`` instead (``features`` None).
     """
     out = Path(out)
     topk = read_topk(topk_path)
@@ -172,116 +253,70 @@ def match_topk(features: str | Path | None, matcher_conf: dict, topk_path, k: in
         if root is None:
             raise ValueError(f"matcher {matcher_conf['name']!r} reads images: give the dataset root")
         source = ImageSource(root, matcher.conf.get("resize"), dev)
+        features_id = IMAGES
     else:
         if features is None:
             raise ValueError(f"matcher {matcher_conf['name']!r} needs local features: give a feature store")
         source = FeatureSource(features, dev)
+        features_id = Path(source.store.folder).name
     qnames = [resolve(n) for n in topk.query_names]
     cnames = [[resolve(n) for n in row[:k]] for row in topk.candidate_names]
     source.check(qnames + [n for row in cnames for n in row])
-    parts = out.with_name(out.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
-    sig = json.dumps({"matcher": matcher_conf, "k": k, "topk": str(topk_path), "features": str(features)}, sort_keys=True)
-    sig_file = parts / "signature.json"
-    if sig_file.exists() and sig_file.read_text() != sig:
-        logger.warning("%s: left over from other settings, starting over", parts)
-        for p in parts.glob("block_*.npz"):
-            p.unlink()
-    sig_file.write_text(sig)
-    n_q = len(qnames)
-    blocks = range(0, n_q, BLOCK)
-    done = {int(p.stem.split("_")[1]) for p in parts.glob("block_*.npz")}
-    logger.info("matching %d queries x %d candidates with %s (%s -> %s; %d blocks, %d done)",
-                n_q, k, matcher_conf["name"], matcher.inputs, kind, len(blocks), len(done))
-    bar = tqdm(total=n_q, desc=f"match {matcher_conf['name']}", mininterval=2, unit="query")
-    cache: OrderedDict[str, object] = OrderedDict()
-
-    def prepared(name):
-        """The matcher's per-image preparation, computed once while it stays in the cache."""
-        if name in cache:
-            cache.move_to_end(name)
-            return cache[name]
-        x = source.load(name)
-        with torch.inference_mode():
-            cache[name] = matcher.prepare(x) if x is not None else None
-        if len(cache) > CACHE:
-            cache.popitem(last=False)
-        return cache[name]
-
-    for start in blocks:
-        if start in done:
-            bar.update(min(BLOCK, n_q - start))
-            continue
-        results, seconds = [], []
-        for qi in range(start, min(n_q, start + BLOCK)):
+    folder = store_dir(store_base if store_base is not None else out.parent / "pairs", matcher_conf, features_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "conf.json").write_text(json.dumps({"matcher": matcher_conf, "features": features_id}, indent=2,
+                                                 sort_keys=True))
+    index = scan(folder)
+    wanted = list(dict.fromkeys((q, c) for q, row in zip(qnames, cnames) for c in row))
+    todo = [p for p in wanted if p not in index]
+    logger.info("matching %d queries x %d candidates with %s (%s -> %s): %d pairs, %d in %s already, %d to match",
+                len(qnames), k, matcher_conf["name"], matcher.inputs, kind, len(wanted), len(wanted) - len(todo),
+                folder, len(todo))
+    t_start = time.perf_counter()
+    if todo:
+        writer = PartWriter(folder, kind, writer_token())
+        blocks = [todo[i: i + BLOCK_PAIRS] for i in range(0, len(todo), BLOCK_PAIRS)]
+        cache: OrderedDict[str, object] = OrderedDict()
+        bar = tqdm(total=len(todo), desc=f"match {matcher_conf['name']}", mininterval=2, unit="pair")
+        for block, data in _prefetch(source, blocks):
             t0 = time.perf_counter()
-            pq = prepared(qnames[qi])
-            results += matcher.forward_many(pq, [prepared(n) for n in cnames[qi]])
-            seconds.append(time.perf_counter() - t0)
-            bar.update(1)
-        with atomic_path(parts / f"block_{start:08d}.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, seconds=np.asarray(seconds), **_block_arrays(kind, results))
-    bar.close()
+            prepared = {}
+            with torch.inference_mode():
+                for name, x in data.items():
+                    if x is REUSE and name in cache:
+                        cache.move_to_end(name)
+                        prepared[name] = cache[name]
+                        continue
+                    if x is REUSE:  # dropped from the cache since: read it again
+                        x = source.load_host(name)
+                    prepared[name] = cache[name] = matcher.prepare(source.to_device(x)) if x is not None else None
+                    if len(cache) > CACHE:
+                        cache.popitem(last=False)
+                results = matcher.match_block([(prepared[q], prepared[c]) for q, c in block])
+                results = [_to_numpy(r) for r in results]  # waits for the device
+            each = (time.perf_counter() - t0) / len(block)
+            writer.add(block, results, [each] * len(block))
+            bar.update(len(block))
+        writer.flush()
+        bar.close()
+        index = scan(folder)
     source.close()
-    # assemble the blocks into the final file
-    blocks_data = []
-    for start in blocks:
-        with np.load(parts / f"block_{start:08d}.npz") as b:
-            blocks_data.append({key: b[key] for key in b.files})
-    seconds = np.concatenate([b["seconds"] for b in blocks_data])
-    info = {"matcher": matcher_conf, "kind": kind, "k": k, "n_queries": n_q,
-            "seconds_per_query": float(seconds.mean()) if len(seconds) else 0.0, "device": str(dev),
+    missing = [p for p in wanted if p not in index]
+    if missing:
+        raise RuntimeError(f"{folder}: {len(missing)} pairs were not stored, e.g. {missing[:2]}")
+    info = {"matcher": matcher_conf, "kind": kind, "features": str(features) if features else None,
+            "device": str(dev), "pairs": len(wanted), "pairs_matched_this_run": len(todo),
+            "pairs_reused": len(wanted) - len(todo), "match_seconds_this_run": time.perf_counter() - t_start,
             "unreadable_images": getattr(source, "errors", {})}
-    with atomic_path(out) as tmp:
-        with h5py.File(tmp, "w") as f:
-            if kind == "pair_score":
-                f.create_dataset("pair_scores", data=np.concatenate([b["pair_scores"] for b in blocks_data]))
-            else:
-                counts = np.concatenate([b["counts"] for b in blocks_data])
-                info["mean_matches"] = float(counts.mean()) if len(counts) else 0.0
-                key, width = ("points", 4) if kind == "points" else ("matches", 2)
-                f.create_dataset(key, data=np.concatenate([b[key] for b in blocks_data]).reshape(-1, width),
-                                 compression="gzip")
-                f.create_dataset("scores", data=np.concatenate([b["scores"] for b in blocks_data]), compression="gzip")
-                f.create_dataset("offsets", data=np.concatenate([[0], np.cumsum(counts)]))
-            f.create_dataset("seconds", data=seconds)
-            f.create_dataset("query_names", data=np.array(qnames, dtype=object), dtype=h5py.string_dtype())
-            f.attrs["info"] = json.dumps(info)
-    for p in parts.glob("*"):
-        p.unlink()
-    parts.rmdir()
-    logger.info("%s: %.3f s/query%s", out, info["seconds_per_query"],
-                f", {info['mean_matches']:.0f} matches per pair" if "mean_matches" in info else "")
+    info = write_view(out, folder, index, qnames, cnames, info)
+    logger.info("%s: %.3f s/query%s (%d pairs matched now, %d reused)", out, info["seconds_per_query"],
+                f", {info['mean_matches']:.0f} matches per pair" if "mean_matches" in info else "",
+                len(todo), len(wanted) - len(todo))
     return info
 
 
-class Matches:
-    """Read access to a matches file written by :func:`match_topk`."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        try:
-            with h5py.File(self.path, "r") as f:
-                self.info = json.loads(f.attrs["info"])
-                self.kind = self.info.get("kind", "matches")
-                if self.kind == "pair_score":
-                    self.pair_scores = f["pair_scores"][:]
-                else:
-                    self.matches = f["points" if self.kind == "points" else "matches"][:]
-                    self.offsets = f["offsets"][:]
-                self.seconds = f["seconds"][:]
-        except (OSError, KeyError) as e:
-            raise ValueError(f"{self.path}: damaged matches file ({e}); delete it to match again") from None
-        self.k = self.info["k"]
-
-    def pair(self, qi: int, rank: int) -> np.ndarray:
-        """Index pairs ``[M, 2]`` (kind "matches") or positions ``[M, 4]`` (x0, y0, x1, y1; kind "points")."""
-        j = qi * self.k + rank
-        return self.matches[self.offsets[j] : self.offsets[j + 1]]
-
-    def pair_score(self, qi: int, rank: int) -> np.ndarray:
-        return self.pair_scores[qi * self.k + rank]
+#: the match stage's output is a view into the pair-keyed store
+Matches = MatchView
 
 
 def similarity_from_distances(distances: np.ndarray) -> np.ndarray:
@@ -305,12 +340,67 @@ def extraction_seconds(features, topk: TopK, k: int, resolve=lambda n: n) -> flo
     return None if np.isnan(value) else value
 
 
+class QueryScorer:
+    """Scores one query's candidates from the stored matches (one per process of a pool)."""
+
+    def __init__(self, features, matches_path, scorer_conf: dict, qnames: list[str], cnames: list[list[str]],
+                 similarity: np.ndarray):
+        self.matches = Matches(matches_path)
+        self.scorer = build_scorer(scorer_conf)
+        self.store = FeatureStore(features) if self.matches.kind == "matches" else None
+        self.qnames, self.cnames, self.similarity = qnames, cnames, similarity
+
+    def __call__(self, qi: int) -> tuple[np.ndarray, float]:
+        """``(scores [K], seconds)`` of query ``qi``."""
+        t0 = time.perf_counter()
+        matches, scorer, store, k = self.matches, self.scorer, self.store, len(self.cnames[qi])
+        if matches.kind == "pair_score":
+            raw = np.stack([matches.pair_score(qi, rank) for rank in range(k)]).astype(np.float64)
+            return scorer.score_query(raw, self.similarity[qi]), time.perf_counter() - t0
+        q = store.get(self.qnames[qi]) if store else {}
+        raws = []
+        for rank in range(k):
+            m = matches.pair(qi, rank)
+            if matches.kind == "points":
+                kq, kc, c = m[:, :2], m[:, 2:], {}
+                m = np.repeat(np.arange(len(m))[:, None], 2, 1)
+            else:
+                c = store.get(self.cnames[qi][rank])
+                kq, kc = (q["keypoints"] if q is not None else None), (c["keypoints"] if c is not None else None)
+            if q is None or c is None or not len(m):
+                raws.append(None)
+                continue
+            raws.append(scorer.score_pair(kq, kc, m, q, c))
+        width = max((len(r) for r in raws if r is not None), default=1)
+        raw = np.array([r if r is not None else np.zeros(width) for r in raws], dtype=np.float64)
+        return scorer.finalize(raw), time.perf_counter() - t0
+
+    def close(self):
+        if self.store:
+            self.store.close()
+
+
+_WORKER: QueryScorer | None = None
+
+
+def _worker_init(args):
+    global _WORKER
+    cv2.setNumThreads(1)  # one process per core already
+    _WORKER = QueryScorer(*args)
+
+
+def _worker_score(qi: int):
+    return qi, *_WORKER(qi)
+
+
 def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out, resolve=lambda n: n,
-               meta: dict | None = None) -> TopK:
+               meta: dict | None = None, workers: int = 1) -> TopK:
     """Score the first ``k`` candidates of every query and write the re-ranked top-k file.
 
     ``features`` (the feature store's index) is needed for index matches only: matches
     of image-input matchers hold positions, and pair scores need no keypoints.
+    ``workers`` > 1 scores queries in that many processes (RANSAC is seeded per pair, so
+    the scores are the ones one process gives).
     """
     topk = read_topk(topk_path)
     matches = Matches(matches_path)
@@ -325,44 +415,33 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
             f"(matcher {matches.info['matcher'].get('name')!r}): pair scores need the pair_score scorer, "
             "matches a geometric scorer"
         )
-    store = None
-    if matches.kind == "matches":
-        if features is None:
-            raise ValueError(f"{matches_path} holds index matches: the feature store is needed to score them")
-        store = FeatureStore(features)
+    if matches.kind == "matches" and features is None:
+        raise ValueError(f"{matches_path} holds index matches: the feature store is needed to score them")
     extraction = extraction_seconds(features, topk, k, resolve) if features is not None else None
     similarity = similarity_from_distances(topk.distances[:, :k])
+    qnames = [resolve(n) for n in topk.query_names]
+    cnames = [[resolve(n) for n in row[:k]] for row in topk.candidate_names]
+    args = (str(features) if features is not None else None, str(matches_path), scorer_conf, qnames, cnames, similarity)
     scores = np.zeros((len(topk), k))
-    order = np.zeros((len(topk), k), dtype=np.int64)
     seconds = np.zeros(len(topk))
-    for qi in tqdm(range(len(topk)), desc=f"score {scorer_conf['name']}", mininterval=2, unit="query"):
-        t0 = time.perf_counter()
-        if matches.kind == "pair_score":
-            raw = np.stack([matches.pair_score(qi, rank) for rank in range(k)]).astype(np.float64)
-            scores[qi] = scorer.score_query(raw, similarity[qi])
-        else:
-            q = store.get(resolve(topk.query_names[qi])) if store else {}
-            raw = []
-            for rank in range(k):
-                m = matches.pair(qi, rank)
-                if matches.kind == "points":
-                    kq, kc, c = m[:, :2], m[:, 2:], {}
-                    m = np.repeat(np.arange(len(m))[:, None], 2, 1)
-                else:
-                    c = store.get(resolve(topk.candidate_names[qi, rank]))
-                    kq, kc = (q["keypoints"] if q is not None else None), (c["keypoints"] if c is not None else None)
-                if q is None or c is None or not len(m):
-                    raw.append(None)
-                    continue
-                raw.append(scorer.score_pair(kq, kc, m, q, c))
-            width = max((len(r) for r in raw if r is not None), default=1)
-            raw = np.array([r if r is not None else np.zeros(width) for r in raw], dtype=np.float64)
-            scores[qi] = scorer.finalize(raw)
-        # stable sort on -score: ties keep the retrieval order
-        order[qi] = np.argsort(-scores[qi], kind="stable")
-        seconds[qi] = time.perf_counter() - t0
-    if store:
-        store.close()
+    bar = tqdm(total=len(topk), desc=f"score {scorer_conf['name']}", mininterval=2, unit="query")
+    workers = max(1, min(int(workers), len(topk)))
+    if workers == 1:
+        one = QueryScorer(*args)
+        for qi in range(len(topk)):
+            scores[qi], seconds[qi] = one(qi)
+            bar.update(1)
+        one.close()
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        logger.info("scoring %d queries in %d processes", len(topk), workers)
+        with ctx.Pool(workers, initializer=_worker_init, initargs=(args,)) as pool:
+            for qi, sc, sec in pool.imap_unordered(_worker_score, range(len(topk)), chunksize=4):
+                scores[qi], seconds[qi] = sc, sec
+                bar.update(1)
+    bar.close()
+    # stable sort on -score: ties keep the retrieval order
+    order = np.argsort(-scores, axis=1, kind="stable")
     idx = np.arange(len(topk))[:, None]
     new_names = topk.candidate_names.copy()
     new_index = topk.candidate_index.copy()
@@ -373,7 +452,7 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
     info = {
         **(meta or {}), "scorer": scorer_conf, "rerank_k": k, "retrieval_topk": str(topk_path),
         "seconds_per_query_scoring": float(seconds.mean()),
-        "seconds_per_query_matching": matches.info["seconds_per_query"],
+        "seconds_per_query_matching": matches.seconds_per_query(k),
         # local features of the query and its K candidates (image-input matchers: inside matching)
         "seconds_per_query_extraction": extraction,
         "skipped_queries": topk.meta.get("skipped_queries", []),

@@ -211,11 +211,15 @@ def test_features_unreadable_at_extraction(tmp_path):
 
 def test_pair_score_matches_draw_no_match_figure(method):
     root, tmp = method
-    with h5py.File(tmp / "ps.h5", "w") as f:
-        f.create_dataset("pair_scores", data=np.zeros((4 * K, 1), np.float32))
-        f.create_dataset("seconds", data=np.zeros(4))
-        f.attrs["info"] = json.dumps({"kind": "pair_score", "k": K, "n_queries": 4, "matcher": {"name": "rrt"},
-                                      "seconds_per_query": 0.0})
+    from pipeline import match_store
+
+    t = read_topk(tmp / "topk.h5")
+    pairs = [(q, c) for q, row in zip(t.query_names, t.candidate_names) for c in row]
+    store = tmp / "ps_store"
+    match_store.write_part(store / "part_x_000000.h5", "pair_score", pairs,
+                           [{"pair_score": np.zeros(1)} for _ in pairs], np.zeros(len(pairs)))
+    match_store.write_view(tmp / "ps.h5", store, match_store.scan(store), list(t.query_names),
+                           [list(r) for r in t.candidate_names], {"kind": "pair_score", "matcher": {"name": "rrt"}})
     manifest = _report(root, tmp, out="ps", matches=tmp / "ps.h5", scorer_conf={"name": "pair_score"})
     assert "pair scores" in manifest["skipped"]["matches"]
     assert [f["name"] for f in manifest["figures"]] == ["keypoints", "predictions"]
@@ -321,23 +325,23 @@ def test_detector_free_points(method):
     root, tmp = method
     base = read_topk(tmp / "topk.h5")
     matches, store = rr.Matches(tmp / "m.h5"), FeatureStore(tmp / "feat.json")
-    pts, counts = [], []
+    from pipeline import match_store
+
+    pairs, results = [], []
     for qi, q in enumerate(base.query_names):
         fq = store.get(q)
         for rank, c in enumerate(base.candidate_names[qi]):
             m, fc = matches.pair(qi, rank), store.get(c)
-            pts.append(np.c_[fq["keypoints"][m[:, 0]], fc["keypoints"][m[:, 1]]])
-            counts.append(len(m))
+            pairs.append((q, c))
+            results.append({"keypoints0": fq["keypoints"][m[:, 0]], "keypoints1": fc["keypoints"][m[:, 1]],
+                            "scores": np.ones(len(m))})
     store.close()
-    pts = np.concatenate(pts).astype(np.float32)
-    with h5py.File(tmp / "pts.h5", "w") as f:
-        f.create_dataset("points", data=pts)
-        f.create_dataset("scores", data=np.ones(len(pts), np.float16))
-        f.create_dataset("offsets", data=np.r_[0, np.cumsum(counts)])
-        f.create_dataset("seconds", data=np.zeros(4))
-        # the matcher saw the images with their longer side at 128 px: half their size
-        f.attrs["info"] = json.dumps({"kind": "points", "k": K, "n_queries": 4, "seconds_per_query": 0.0,
-                                      "matcher": {"name": "loftr", "resize": 128}})
+    folder = tmp / "pts_store"
+    match_store.write_part(folder / "part_x_000000.h5", "points", pairs, results, np.zeros(len(pairs)))
+    # the matcher saw the images with their longer side at 128 px: half their size
+    match_store.write_view(tmp / "pts.h5", folder, match_store.scan(folder), list(base.query_names),
+                           [list(r) for r in base.candidate_names],
+                           {"kind": "points", "matcher": {"name": "loftr", "resize": 128}})
     manifest = _report(root, tmp, out="pts", features=None, matches=tmp / "pts.h5")
     fig = fig_of(manifest, "matches")
     qi = list(base.query_names).index(fig["query"])

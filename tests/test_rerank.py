@@ -126,8 +126,11 @@ def test_rerank_reorders_true_match_first(prepared):
 
 
 def test_matching_resumes_after_interruption(prepared, monkeypatch):
+    from pipeline import match_store
+
     root, tmp = prepared
-    monkeypatch.setattr(rr, "BLOCK", 1)
+    monkeypatch.setattr(rr, "BLOCK_PAIRS", 4)  # one query's pairs per block
+    monkeypatch.setattr(match_store, "PART_PAIRS", 4)  # and per part file
     names = rr.needed_images([(tmp / "topk.h5", 4)])
     write_json(tmp / "feat.json", extract_local(SIFT, root, names, tmp / "local", device="cpu"))
     calls = {"n": 0, "crash_at": 10}  # queries 0 and 1 (4 pairs each) done, query 2 under way
@@ -148,13 +151,22 @@ def test_matching_resumes_after_interruption(prepared, monkeypatch):
     monkeypatch.setattr(rr, "build_matcher", counting_build)
     with pytest.raises(KeyboardInterrupt):
         rr.match_topk(tmp / "feat.json", {"name": "mnn"}, tmp / "topk.h5", 4, tmp / "m.h5", device="cpu")
-    assert not (tmp / "m.h5").exists() and len(list((tmp / "m.h5.parts").glob("block_*"))) == 2
+    parts = list((tmp / "pairs").glob("mnn-*/part_*.h5"))
+    assert not (tmp / "m.h5").exists() and len(parts) == 2
+    assert not list((tmp / "pairs").glob("mnn-*/*.tmp*"))  # no half-written part left
     calls.update(n=0, crash_at=-1)
-    rr.match_topk(tmp / "feat.json", {"name": "mnn"}, tmp / "topk.h5", 4, tmp / "m.h5", device="cpu")
+    info = rr.match_topk(tmp / "feat.json", {"name": "mnn"}, tmp / "topk.h5", 4, tmp / "m.h5", device="cpu")
     assert calls["n"] == 2 * 4  # only the two unfinished queries were matched
+    assert info["pairs_matched_this_run"] == 8 and info["pairs_reused"] == 8
     m = rr.Matches(tmp / "m.h5")
-    assert m.info["n_queries"] == 4 and len(m.offsets) == 4 * 4 + 1
-    assert not (tmp / "m.h5.parts").exists()
+    assert m.info["n_queries"] == 4 and m.k == 4 and len(m.count) == 4 * 4
+    # the same matches as one uninterrupted run
+    rr.match_topk(tmp / "feat.json", {"name": "mnn"}, tmp / "topk.h5", 4, tmp / "fresh" / "m.h5", device="cpu")
+    fresh = rr.Matches(tmp / "fresh" / "m.h5")
+    assert fresh.info["pairs_matched_this_run"] == 16
+    for qi in range(4):
+        for rank in range(4):
+            np.testing.assert_array_equal(m.pair(qi, rank), fresh.pair(qi, rank))
 
 
 def test_unreadable_candidate_scores_zero(prepared):

@@ -143,3 +143,59 @@ def test_reports_target_builds_the_html_report(project):
         assert 'data-rendered="1"' in dom, dom[:500]
         assert 'data-loaded="0"' not in dom  # every figure decoded in the browser
     assert 'data-loaded="1"' in dom
+
+
+def test_matches_are_keyed_by_pair(project):
+    """Raising K matches only the new pairs; a second retrieval matches only the pairs the first lacked."""
+    import shutil
+
+    import numpy as np
+
+    from pipeline.match_store import MatchView
+    from pipeline.topk import TopK, read_topk, write_topk
+
+    wd, _ = project
+    syn = wd / "work" / "syn"
+    shutil.rmtree(syn / "matches")  # views and the pair store: start from no matches at all
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["rerank_methods"]["sift_ransac"]["k"] = 10
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    code, out = snakemake(wd)
+    assert code == 0, out
+    first = read_topk(syn / "topk" / "vlad_sift.h5")
+
+    def pairs(t, k):
+        return {(q, c) for q, row in zip(t.query_names, t.candidate_names) for c in row[:k]}
+
+    view = MatchView(syn / "matches" / "vlad_sift" / "sift+mnn_ratio.h5")
+    assert view.k == 10 and view.info["pairs_matched_this_run"] == len(pairs(first, 10))
+    assert view.info["pairs_reused"] == 0
+
+    # a second retrieval: the first's candidates from rank 5 on (ranks 10-14 are new pairs at K=10)
+    shifted = TopK(first.query_names, np.roll(first.candidate_names, -5, 1), np.roll(first.candidate_index, -5, 1),
+                   np.roll(first.distances, -5, 1))
+    write_topk(wd / "shifted.h5", shifted)
+    cfg["global_methods"]["shifted"] = {"import": {"syn": str(wd / "shifted.h5")}}
+    cfg["rerank_methods"]["sift_shifted"] = {"retrieval": "shifted", "features": "sift", "matcher": "mnn_ratio",
+                                             "scorer": "count", "k": 10, "device": "cpu"}
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    code, out = snakemake(wd)
+    assert code == 0, out
+    view2 = MatchView(syn / "matches" / "shifted" / "sift+mnn_ratio.h5")
+    new = pairs(shifted, 10) - pairs(first, 10)
+    assert view2.info["pairs_matched_this_run"] == len(new) > 0
+    assert view2.info["pairs_reused"] == len(pairs(shifted, 10)) - len(new)
+
+    # raising the first retrieval's K to 20 matches exactly the pairs neither list had at K=10
+    cfg["rerank_methods"]["sift_ransac"]["k"] = 20
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    code, out = snakemake(wd)
+    assert code == 0, out
+    view3 = MatchView(syn / "matches" / "vlad_sift" / "sift+mnn_ratio.h5")
+    assert view3.k == 20
+    assert view3.info["pairs_matched_this_run"] == len(pairs(first, 20) - pairs(first, 10) - pairs(shifted, 10))
+    # a shared pair has one set of matches, whichever view reads it
+    qi = 0
+    c = shifted.candidate_names[qi, 0]  # rank 5 of the first list
+    np.testing.assert_array_equal(view2.pair(qi, 0), view3.pair(qi, list(first.candidate_names[qi]).index(c)))
+    assert "Nothing to be done" in snakemake(wd, "-n")[1]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Matcher
+from .base import Matcher, pad_features
 
 
 class MutualNearestNeighbor(Matcher):
@@ -65,3 +65,44 @@ class MutualNearestNeighbor(Matcher):
                 return self.empty()
             m0, m1, best = (torch.cat(x) for x in zip(*parts))
         return {"matches": torch.stack([m0, m1], 1), "scores": 1.0 / (1.0 + best)}
+
+    def pair_bytes(self, n0, n1):
+        return 16 * n0 * n1 + 1024 * (n0 + n1)
+
+    def _forward_block(self, pairs):
+        """All pairs as one padded batch: distances past an image's features (and, with
+        ``by_level``, across levels) are infinite, so every pair gets its own matches."""
+        c = self.conf
+        keys = ("keypoints", "descriptors") + (("levels",) if c["by_level"] else ())
+        if c["by_level"] and any("levels" not in f for p in pairs for f in p):
+            raise ValueError("mnn with by_level: the features have no 'levels'")
+        f0, v0, n0 = pad_features([p[0] for p in pairs], keys)
+        f1, v1, n1 = pad_features([p[1] for p in pairs], keys)
+        d0, d1 = f0["descriptors"], f1["descriptors"]
+        if c["similarity"] == "dot":
+            dist = -torch.bmm(d0, d1.transpose(1, 2))
+        else:
+            dist = torch.cdist(d0, d1)
+        allowed = v0[:, :, None] & v1[:, None, :]
+        if c["by_level"]:
+            allowed &= f0["levels"][:, :, None] == f1["levels"][:, None, :]
+        dist = dist.masked_fill(~allowed, float("inf"))
+        best, nn01 = dist.min(2)
+        idx0 = torch.arange(dist.shape[1], device=dist.device)[None].expand(len(pairs), -1)
+        keep = v0 & torch.isfinite(best)
+        if c["mutual"]:
+            keep &= dist.argmin(1).gather(1, nn01) == idx0
+        if c["ratio"] is not None and dist.shape[2] > 1:
+            two = dist.topk(2, dim=2, largest=False).values
+            # as on its own: no ratio test where the other image (or level) has a single feature
+            keep &= (two[..., 0] <= c["ratio"] * two[..., 1]) | ~torch.isfinite(two[..., 1])
+        if c["max_distance"] is not None:
+            keep &= best <= c["max_distance"]
+        out = []
+        for b in range(len(pairs)):
+            m0 = idx0[b][keep[b]]
+            if c["by_level"]:  # in level order, as matching level by level returns them
+                m0 = m0[torch.argsort(f0["levels"][b][m0], stable=True)]
+            m1, d = nn01[b][m0], best[b][m0]
+            out.append({"matches": torch.stack([m0, m1], 1), "scores": 1.0 / (1.0 + d)})
+        return out

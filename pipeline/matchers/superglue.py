@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checkpoints import load_into, read_state_dict
-from .base import Matcher
+from .base import Matcher, pad_features
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,13 @@ def _pointwise(layers: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layers, nn.Conv1d):
         return F.linear(x, layers.weight[..., 0], layers.bias)
     for layer in layers:
-        # BatchNorm1d normalises the channels of an [N, C] input as of a [1, C, N] one
-        x = _pointwise(layer, x) if isinstance(layer, nn.Conv1d) else layer(x)
+        if isinstance(layer, nn.Conv1d):
+            x = _pointwise(layer, x)
+        elif isinstance(layer, nn.BatchNorm1d) and x.ndim > 2:  # [B, N, C]: normalise the channels
+            x = layer(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        else:
+            # BatchNorm1d normalises the channels of an [N, C] input as of a [1, C, N] one
+            x = layer(x)
     return x
 
 
@@ -70,8 +75,8 @@ class KeypointEncoder(nn.Module):
         self.encoder = _conv_mlp([3, *hidden, dim])
 
     def forward(self, kpts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        # kpts [N, 2] (normalised), scores [N] -> [N, dim]
-        return _pointwise(self.encoder, torch.cat([kpts, scores[:, None]], dim=1))
+        # kpts [(B,) N, 2] (normalised), scores [(B,) N] -> [(B,) N, dim]
+        return _pointwise(self.encoder, torch.cat([kpts, scores[..., None]], dim=-1))
 
 
 class MultiHeadAttention(nn.Module):
@@ -84,16 +89,17 @@ class MultiHeadAttention(nn.Module):
         self.merge = nn.Conv1d(dim, dim, kernel_size=1)
 
     def _heads(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # [N, D] -> [H, N, D/H]; channel c = d * H + h belongs to head h
-        n, dim = x.shape
-        return _pointwise(conv, x).view(n, dim // self.num_heads, self.num_heads).permute(2, 0, 1)
+        # [..., N, D] -> [..., H, N, D/H]; channel c = d * H + h belongs to head h
+        *lead, n, dim = x.shape
+        return _pointwise(conv, x).view(*lead, n, dim // self.num_heads, self.num_heads).movedim(-1, -3)
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [(B,) N, D]`` attends to ``source [(B,) S, D]``; ``mask [B, 1, 1, S]``: the real sources."""
         q = self._heads(self.proj[0], x)
         k = self._heads(self.proj[1], source)
         v = self._heads(self.proj[2], source)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(D/H)) v
-        return _pointwise(self.merge, out.permute(1, 2, 0).reshape(x.shape))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # softmax(q k^T / sqrt(D/H)) v
+        return _pointwise(self.merge, out.movedim(-3, -1).reshape(x.shape))
 
 
 class AttentionalPropagation(nn.Module):
@@ -102,8 +108,8 @@ class AttentionalPropagation(nn.Module):
         self.attn = MultiHeadAttention(dim, num_heads)
         self.mlp = _conv_mlp([2 * dim, 2 * dim, dim])
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        return _pointwise(self.mlp, torch.cat([x, self.attn(x, source)], dim=1))
+    def forward(self, x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _pointwise(self.mlp, torch.cat([x, self.attn(x, source, mask)], dim=-1))
 
 
 class AttentionalGNN(nn.Module):
@@ -115,11 +121,49 @@ class AttentionalGNN(nn.Module):
         self.names = list(layer_names)
         self.layers = nn.ModuleList(AttentionalPropagation(dim, NUM_HEADS) for _ in self.names)
 
-    def forward(self, d0: torch.Tensor, d1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, d0: torch.Tensor, d1: torch.Tensor, mask0: torch.Tensor | None = None,
+                mask1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mask0`` / ``mask1`` (``[B, 1, 1, N]``, batched input only): the real points of each image."""
         for layer, name in zip(self.layers, self.names):
             s0, s1 = (d1, d0) if name == "cross" else (d0, d1)
-            d0, d1 = d0 + layer(d0, s0), d1 + layer(d1, s1)
+            k0, k1 = (mask1, mask0) if name == "cross" else (mask0, mask1)
+            d0, d1 = d0 + layer(d0, s0, k0), d1 + layer(d1, s1, k1)
         return d0, d1
+
+
+#: log-weight of padded rows / columns in the batched optimal transport: exp() of it is 0
+PAD = -1e9
+
+
+def log_optimal_transport_batch(scores: torch.Tensor, bin_score: torch.Tensor, iters: int,
+                                n0: torch.Tensor, n1: torch.Tensor) -> torch.Tensor:
+    """:func:`log_optimal_transport` of ``B`` padded score matrices ``[B, M, N]`` at once.
+
+    Pair ``b`` has ``n0[b]`` rows and ``n1[b]`` columns; the dustbins are the last row and
+    column. Padded rows and columns get a log mass and couplings of :data:`PAD`, whose
+    exponentials are exactly zero, so each pair's transport is the one it gets alone.
+    """
+    b, m, n = scores.shape
+    dev = scores.device
+    rows = torch.arange(m, device=dev)[None] < n0[:, None].to(dev)
+    cols = torch.arange(n, device=dev)[None] < n1[:, None].to(dev)
+    alpha = bin_score.to(scores)
+    couplings = scores.new_full((b, m + 1, n + 1), 0.0)
+    couplings[:, :m, :n] = scores
+    couplings[:, :m, n] = alpha
+    couplings[:, m, :] = alpha
+    real_r = torch.cat([rows, rows.new_ones((b, 1))], 1)
+    real_c = torch.cat([cols, cols.new_ones((b, 1))], 1)
+    couplings = couplings.masked_fill(~(real_r[:, :, None] & real_c[:, None, :]), PAD)
+    fm, fn = n0.to(scores), n1.to(scores)
+    norm = -(fm + fn).log()
+    log_mu = torch.cat([norm[:, None].expand(b, m), (fn.log() + norm)[:, None]], 1).masked_fill(~real_r, PAD)
+    log_nu = torch.cat([norm[:, None].expand(b, n), (fm.log() + norm)[:, None]], 1).masked_fill(~real_c, PAD)
+    u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
+    for _ in range(iters):
+        u = log_mu - torch.logsumexp(couplings + v[:, None, :], dim=2)
+        v = log_nu - torch.logsumexp(couplings + u[:, :, None], dim=1)
+    return couplings + u[:, :, None] + v[:, None, :] - norm[:, None, None]
 
 
 def normalize_keypoints(kpts: torch.Tensor, width, height) -> torch.Tensor:
@@ -188,6 +232,25 @@ class SuperGlueNet(nn.Module):
         scores = (m0 @ m1.t()) / self.descriptor_dim**0.5
         return log_optimal_transport(scores, self.bin_score, self.sinkhorn_iterations)
 
+    def forward_batch(self, f0: dict, f1: dict, n0: torch.Tensor, n1: torch.Tensor) -> torch.Tensor:
+        """Log assignments ``[B, M+1, N+1]`` of padded feature batches (``keypoints [B, M, 2]``,
+        ``descriptors [B, M, D]``, ``scores [B, M]``, ``image_size [B, 2]``); pair ``b`` has
+        ``n0[b]`` / ``n1[b]`` real points, padded rows and columns are to be ignored."""
+        w = self.final_proj.weight
+        desc, masks = [], []
+        for f, n in ((f0, n0), (f1, n1)):
+            d = f["descriptors"].to(w)
+            if d.shape[-1] != self.descriptor_dim:
+                raise ValueError(f"SuperGlue: descriptors must be [N, {self.descriptor_dim}], got {tuple(d.shape[1:])}")
+            size = f["image_size"].to(w)  # [B, 2]
+            k = (f["keypoints"].to(w) - size[:, None] / 2) / (size.max(1).values[:, None, None] * 0.7)
+            desc.append(d + self.kenc(k, f["scores"].to(w)))
+            masks.append((torch.arange(d.shape[1], device=d.device)[None] < n.to(d.device)[:, None])[:, None, None])
+        d0, d1 = self.gnn(desc[0], desc[1], masks[0], masks[1])
+        m0, m1 = _pointwise(self.final_proj, d0), _pointwise(self.final_proj, d1)
+        scores = torch.bmm(m0, m1.transpose(1, 2)) / self.descriptor_dim**0.5
+        return log_optimal_transport_batch(scores, self.bin_score, self.sinkhorn_iterations, n0, n1)
+
 
 def mutual_matches(log_assignment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual arg-max pairs of the assignment (dustbins excluded) with probability > threshold."""
@@ -254,6 +317,28 @@ class SuperGlue(Matcher):
     def _forward(self, f0, f1):
         matches, scores = mutual_matches(self.net(f0, f1), self.conf["match_threshold"])
         return {"matches": matches, "scores": scores}
+
+    def pair_bytes(self, n0, n1):
+        # Sinkhorn: couplings and two temporaries of (n0+1) x (n1+1); attention: 4 heads x n0 x n1
+        return 4 * (n0 + 1) * (n1 + 1) * (4 + NUM_HEADS * 2) + 64 * (n0 + n1) * self.net.descriptor_dim
+
+    def _forward_block(self, pairs):
+        keys = ("keypoints", "descriptors", "scores")
+        f0, _, n0 = pad_features([p[0] for p in pairs], keys)
+        f1, _, n1 = pad_features([p[1] for p in pairs], keys)
+        dev = f0["keypoints"].device
+        for f, side in ((f0, 0), (f1, 1)):
+            f["image_size"] = torch.stack([torch.as_tensor(p[side]["image_size"]).reshape(2) for p in pairs]).to(dev)
+        la = self.net.forward_batch(f0, f1, n0, n1)
+        out = []
+        for b in range(len(pairs)):
+            z = la[b]
+            a, c = int(n0[b]), int(n1[b])
+            # the pair's own rows and columns, dustbins last, as the unbatched assignment
+            own = torch.cat([torch.cat([z[:a, :c], z[:a, -1:]], 1), torch.cat([z[-1:, :c], z[-1:, -1:]], 1)], 0)
+            matches, scores = mutual_matches(own, self.conf["match_threshold"])
+            out.append({"matches": matches, "scores": scores})
+        return out
 
 
 def write_random_checkpoint(path, seed: int = 0, conf: dict | None = None) -> None:

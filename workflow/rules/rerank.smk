@@ -117,6 +117,8 @@ rule match:
         k=lambda w: match_k(w.retrieval, w.features, w.matcher),
         resolver=resolver_args,
         features=lambda w, input: features_arg(input),
+        # pair-keyed matches shared by every retrieval and K of this dataset (pipeline/match_store.py)
+        store=lambda w: f"{WORK}/{w.dataset}/matches/pairs",
     log:
         f"{WORK}/logs/match_{{dataset}}_{{retrieval}}_{{features}}+{{matcher}}.log",
     threads: 2
@@ -128,7 +130,7 @@ rule match:
         CONDA_ENV
     shell:
         "{PY} --threads {threads} match {params.features} --conf {params.conf:q} --topk {input.topk:q}"
-        " --k {params.k} --out {output:q} {params.resolver} 2> {log:q}"
+        " --k {params.k} --out {output:q} --store-base {params.store:q} {params.resolver} 2> {log:q}"
 
 
 def score_inputs(w):
@@ -158,11 +160,13 @@ rule score:
         features=lambda w, input: features_arg(input),
     log:
         f"{WORK}/logs/score_{{dataset}}_{{method}}.log",
+    threads: 2
     conda:
         CONDA_ENV
     shell:
         "{PY} score {params.features} --matches {input.matches:q} --conf {params.conf:q}"
-        " --topk {input.topk:q} --k {params.k} --out {output:q} --meta {params.meta:q} {params.resolver} 2> {log:q}"
+        " --topk {input.topk:q} --k {params.k} --out {output:q} --meta {params.meta:q} {params.resolver}"
+        " --workers {threads} 2> {log:q}"
 
 
 def rerank_results_inputs(w):
