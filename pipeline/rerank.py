@@ -433,7 +433,8 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
             bar.update(1)
         one.close()
     else:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        # spawned, not forked: a fork of a process that ran OpenMP / torch threads can hang
+        ctx = mp.get_context("spawn")
         logger.info("scoring %d queries in %d processes", len(topk), workers)
         with ctx.Pool(workers, initializer=_worker_init, initargs=(args,)) as pool:
             for qi, sc, sec in pool.imap_unordered(_worker_score, range(len(topk)), chunksize=4):
