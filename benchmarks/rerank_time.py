@@ -105,6 +105,7 @@ def main():
     p.add_argument("--device", default="cpu", help="device for extraction and matching (cpu, cuda, auto)")
     p.add_argument("--scorers", type=int, default=1, choices=range(1, len(VARIANTS) + 1),
                    help="score with this many scorer variants (ours re-uses features and matches)")
+    p.add_argument("--workers", type=int, default=2, help="scoring processes of ours (the score rule's threads)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -126,23 +127,30 @@ def main():
         t1 = time.perf_counter()
         match_topk(tmp / "feat.json", match_conf, topk_path, a.k, tmp / "m.h5", device=a.device)
         t2 = time.perf_counter()
-        ours = [score_topk(tmp / "feat.json", tmp / "m.h5", scorer, topk_path, a.k, tmp / f"rr{i}.h5")
-                for i, scorer in enumerate(VARIANTS[: a.scorers])][0]
+        ours_all = [score_topk(tmp / "feat.json", tmp / "m.h5", scorer, topk_path, a.k, tmp / f"rr{i}.h5",
+                               workers=a.workers)
+                    for i, scorer in enumerate(VARIANTS[: a.scorers])]
+        ours = ours_all[0]
         ours_s = time.perf_counter() - t0
         stages = {"extract_s": round(t1 - t0, 2), "match_s": round(t2 - t1, 2), "score_s": round(ours_s - t2 + t0, 2)}
 
         t0 = time.perf_counter()
-        order = [naive(root, topk, a.k, ext_conf, match_conf, a.device, scorer)
-                 for scorer in VARIANTS[: a.scorers]][0]
+        orders = [naive(root, topk, a.k, ext_conf, match_conf, a.device, scorer)
+                  for scorer in VARIANTS[: a.scorers]]
         naive_s = time.perf_counter() - t0
 
-    naive_names = np.take_along_axis(topk.candidate_names[:, : a.k], order, 1)
+    # the whole re-ranked lists, for every scorer variant
+    identical = all(
+        (np.take_along_axis(topk.candidate_names[:, : a.k], order, 1) == o.candidate_names[:, : a.k]).all()
+        for order, o in zip(orders, ours_all))
+    naive_names = np.take_along_axis(topk.candidate_names[:, : a.k], orders[0], 1)
     same = float(np.mean(naive_names[:, 0] == ours.candidate_names[:, 0]))
     print(json.dumps({
         "features": a.features, "device": a.device, "scorers": a.scorers, "queries": len(topk), "k": a.k, "images_extracted_ours": len(names),
         "images_extracted_naive": len(topk) * (a.k + 1) * a.scorers, "ours_s": round(ours_s, 2), "ours_stages": stages, "naive_s": round(naive_s, 2),
         "ours_s_per_query": round(ours_s / len(topk), 3), "naive_s_per_query": round(naive_s / len(topk), 3),
         "speedup_naive_over_ours": round(naive_s / ours_s, 2), "same_top1": same,
+        "identical_reranked_lists": bool(identical), "score_workers": a.workers,
     }, indent=2))
 
 
