@@ -172,8 +172,14 @@ def test_end_to_end_pair_agrees_with_upstream(ref, model):
     theirs = [tuple(np.round(k).astype(int)) for k in ref["keypoints0"] / ref["scale0"]]
     found = [i for i, k in enumerate(theirs) if k in ours]
     # measured: all 19 upstream matches, keypoints1 within 0.006 px, confidences within 3.2 %
-    # (a random network is sensitive to the ~1/255 input differences)
-    assert len(found) == len(theirs) and len(out["scores"]) == len(theirs)
+    # (a random network is sensitive to the ~1/255 input differences). The rounding can
+    # also make a borderline pair of cells mutual: with Pillow 13 one extra match appears,
+    # at 4.3e-6, weaker than every upstream match. Extras must be that: few and weak.
+    assert len(found) == len(theirs)
+    extra = [s for k, s in zip(out["keypoints0"].numpy() / ref["scale0"], out["scores"].numpy())
+             if tuple(np.round(k).astype(int)) not in set(theirs)]
+    assert len(extra) <= max(1, len(theirs) // 10)
+    assert all(s < ref["confidence"].min() for s in extra)
     for i in found:
         k1, s = ours[theirs[i]]
         assert np.abs(k1 - ref["keypoints1"][i]).max() < 0.05
@@ -191,6 +197,33 @@ def test_forward_many_equals_forward(ref, model):
         assert a["scores"].shape == b["scores"].shape
         for k in a:
             np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_batched_candidates_equal_one_at_a_time(ref, seeded, batch_size):
+    # candidates of one size run as a batch (chunks of batch_size, a remainder of 1 alone);
+    # other sizes and unreadable images in between keep their places
+    single = LoFTR({"weights": str(seeded[1]), "match_threshold": float(ref["low_threshold"]), "batch_size": 1})
+    batched = LoFTR({"weights": str(seeded[1]), "match_threshold": float(ref["low_threshold"]),
+                     "batch_size": batch_size})
+    p0, p1 = _stored(ref, 0), _stored(ref, 1)
+    crop = lambda p, y, x, h=96, w=128: {"image": p["image"][..., y:y + h, x:x + w], "scale": p["scale"]}
+    q = crop(p0, 0, 0)
+    cands = [crop(p1, 16, 32), crop(p0, 8, 8), None, crop(p1, 0, 0, 80, 120), crop(p1, 40, 0), crop(p0, 0, 0)]
+    a, b = single.forward_many(q, cands), batched.forward_many(q, cands)
+    assert sum(len(r["scores"]) for r in a) > 20  # the comparison covers real matches
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and x["scores"].shape == y["scores"].shape
+        for k in x:
+            np.testing.assert_allclose(x[k].numpy(), y[k].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_batch_is_one_on_cpu_and_bounded_by_memory(seeded):
+    m = LoFTR({"weights": str(seeded[1])})
+    assert m.fit_batch(m.pair_bytes_image(840, 632), "cpu") == 1
+    m.cpu_batch_size = None  # the CPU budget rule: 512 MiB / ~1 GB per 840-px pair
+    assert m.fit_batch(m.pair_bytes_image(840, 632), "cpu") == 1
+    assert m.fit_batch(m.pair_bytes_image(96, 128), "cpu") == (1 << 29) // (2048 * 96 * 128)
 
 
 @need_pairs

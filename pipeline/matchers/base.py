@@ -155,6 +155,12 @@ class Matcher(nn.Module):
 
     def batch_size(self, n0: int, n1: int, device) -> int:
         """Pairs per batch for pairs padded to ``n0`` x ``n1`` keypoints on ``device``."""
+        return self.fit_batch(self.pair_bytes(n0, n1), device)
+
+    def fit_batch(self, pair_bytes: int, device) -> int:
+        """Pairs per batch when one pair takes ``pair_bytes`` of temporaries on ``device``:
+        the conf's ``batch_size``, or for ``auto`` :attr:`cpu_batch_size` on a CPU and as
+        many as fit a share (:data:`GPU_SHARE`) of the free memory on a GPU."""
         bs = self.conf["batch_size"]
         if bs != "auto":
             return int(bs)
@@ -166,7 +172,7 @@ class Matcher(nn.Module):
             budget = free * GPU_SHARE
         else:
             budget = CPU_BUDGET
-        return int(max(1, min(MAX_BATCH, budget // max(1, self.pair_bytes(n0, n1)))))
+        return int(max(1, min(MAX_BATCH, budget // max(1, int(pair_bytes)))))
 
     def _usable(self, p0, p1) -> bool:
         if p0 is None or p1 is None:

@@ -31,10 +31,12 @@ part, and the MegaDepth loader ``read_megadepth_gray`` of the outdoor evaluation
   (``w // 8 * 8``, upstream's ``get_divisible_wh`` and the demo), and the keypoints are scaled
   back by ``(w / w8, h / h8)``, as upstream's ``scale0`` / ``scale1``, so they are in pixels of
   the image given to :meth:`prepare`. Upstream's MegaDepth loader also zero-pads each image
-  to a square (with a mask) to batch pairs; we match one pair at a time and do not pad;
+  to a square (with a mask) to batch pairs; we batch only candidates of one size, unpadded;
 * coarse threshold 0.2, dual-softmax temperature 0.1, border 2 cells (upstream defaults).
 
-Keypoints are in LoFTR's own frame (upstream's numbers): image-0 points sit on ``8 * cell``.
+Keypoints are in pixels of the images given to :meth:`prepare` (upstream's numbers): image-0
+points sit on ``8 * cell * scale0``. The match stage maps them to the original photos' pixels
+(``pipeline.rerank``), like every extractor's keypoints.
 The confidence of a match is its coarse dual-softmax probability.
 
 Weights: the official ``outdoor_ds.ckpt`` (Google Drive link in zju3dv/LoFTR's README) is a
@@ -49,7 +51,10 @@ On GPU, PyTorch's default TF32 convolutions (``torch.backends.cudnn.allow_tf32``
 backbone slightly; we leave that global setting alone (see ``tests/reference/README_loftr.md``).
 
 :meth:`LoFTR.prepare` converts each image to grey once (the pipeline caches it per image);
-:meth:`LoFTR._forward_many` runs the query's backbone once for all its candidates. Caching
+:meth:`LoFTR._forward_many` runs the query's backbone once for all its candidates, and
+candidates of one size as a batch of ``batch_size`` (``auto``: one at a time on a CPU, where
+batches gain nothing; on a GPU as many as :meth:`LoFTR.pair_bytes_image` says fit a share of
+the free memory). Caching
 backbone maps per image in ``prepare`` would cost ~75 MB per 840-px image.
 """
 
@@ -201,10 +206,35 @@ class LoFTR(Matcher):
         out = self.net({"image0": p0["image"], "image1": p1["image"]})
         return self._points(out, p0["scale"], p1["scale"])
 
+    def pair_bytes_image(self, height: int, width: int) -> int:
+        """Device memory one candidate of ``height`` x ``width`` (network input) takes in a
+        batch: backbone activations and the 1/2-resolution fine map dominate (measured
+        about 1.1 kB a pixel on CPU at 840 px; 2 kB leaves room for the transformer)."""
+        return 2048 * height * width
+
     def _forward_many(self, p0, candidates: list) -> list[dict[str, torch.Tensor]]:
-        # the query's backbone maps (coarse + positional encoding, fine) serve every candidate
+        # the query's backbone maps (coarse + positional encoding, fine) serve every candidate;
+        # candidates of one input size run as a batch (no padding, so each gets its own
+        # result: LoFTR's matching is per batch element), ``batch_size`` at a time
         f0 = self.net.extract_features(p0["image"])
-        return [
-            self._points(self.net({"features0": f0, "image1": c["image"]}), p0["scale"], c["scale"])
-            for c in candidates
-        ]
+        out: list[dict | None] = [None] * len(candidates)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, c in enumerate(candidates):
+            by_shape.setdefault(tuple(c["image"].shape[-2:]), []).append(i)
+        for (h, w), idx in by_shape.items():
+            step = self.fit_batch(self.pair_bytes_image(h, w), p0["image"].device)
+            for start in range(0, len(idx), step):
+                chunk = idx[start:start + step]
+                if len(chunk) == 1:
+                    c = candidates[chunk[0]]
+                    out[chunk[0]] = self._points(self.net({"features0": f0, "image1": c["image"]}),
+                                                 p0["scale"], c["scale"])
+                    continue
+                feats0 = {k: v.expand(len(chunk), *v.shape[1:]) for k, v in f0.items()}
+                res = self.net({"features0": feats0,
+                                "image1": torch.cat([candidates[i]["image"] for i in chunk])})
+                for b, i in enumerate(chunk):
+                    sel = res["batch_indexes"] == b
+                    one = {k: res[k][sel] for k in ("keypoints0", "keypoints1", "confidence")}
+                    out[i] = self._points(one, p0["scale"], candidates[i]["scale"])
+        return out
