@@ -144,6 +144,8 @@ def cmd_rerank_results(a):
     from .random_weights import weights_label
     from .topk import read_topk
 
+    from .rerank import input_size
+
     base, rr = read_topk(a.retrieval), read_topk(a.reranked)
     meta = rr.meta
     common = {"dataset": a.dataset, "threshold_m": a.threshold}
@@ -155,7 +157,10 @@ def cmd_rerank_results(a):
         {"method": a.method, **common, **evaluate_topk(rr, a.threshold, a.ns), "rerank_k": meta["rerank_k"],
          "rerank_s_per_query": extract_s + match_s + score_s, "extract_s_per_query": extract_s,
          "match_s_per_query": match_s, "score_s_per_query": score_s,
-         "weights": weights_label(a.conf), "conf": a.conf},
+         "weights": weights_label(a.conf),
+         # the size the model described the images at (its conf's, defaults filled in)
+         "input_size": input_size(a.conf.get("features"), a.conf["matcher"]) if "matcher" in a.conf else "",
+         "conf": a.conf},
     ]
     write_results(a.out, rows)
     print(format_table(rows, a.ns))

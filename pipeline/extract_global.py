@@ -72,15 +72,15 @@ def pick_device(device: str) -> torch.device:
 class ImageList(Dataset):
     """Images (``uint8 [3, H, W]``) of a dataset by relative name; unreadable ones come back as errors."""
 
-    def __init__(self, root: Path, names: list[str], resize=None):
-        self.root, self.names, self.resize = Path(root), names, resize
+    def __init__(self, root: Path, names: list[str], resize=None, resize_max: int | None = None):
+        self.root, self.names, self.resize, self.resize_max = Path(root), names, resize, resize_max
 
     def __len__(self):
         return len(self.names)
 
     def __getitem__(self, i):
         try:
-            return i, load_uint8(self.root / self.names[i], self.resize), None
+            return i, load_uint8(self.root / self.names[i], self.resize, self.resize_max), None
         except ImageReadError as e:
             return i, None, str(e)
 
@@ -111,9 +111,9 @@ def _collate(batch) -> Batch:
     return Batch(len(batch), [i for i, _ in ok], images, [(i, e) for i, t, e in batch if t is None])
 
 
-def image_loader(root, names, resize, batch_size, num_workers, pin_memory=False) -> DataLoader:
+def image_loader(root, names, resize, batch_size, num_workers, pin_memory=False, resize_max=None) -> DataLoader:
     return DataLoader(
-        ImageList(root, names, resize), batch_size=batch_size, num_workers=num_workers,
+        ImageList(root, names, resize, resize_max), batch_size=batch_size, num_workers=num_workers,
         collate_fn=_collate, shuffle=False, pin_memory=pin_memory,
     )
 

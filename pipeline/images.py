@@ -23,33 +23,53 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read image ({e})") from None
 
 
-def target_size(width: int, height: int, resize) -> tuple[int, int]:
-    """The ``(width, height)`` an image is resized to under the ``resize`` option.
+def target_size(width: int, height: int, resize, resize_max: int | None = None) -> tuple[int, int]:
+    """The ``(width, height)`` an image is resized to under the ``resize`` and ``resize_max`` options.
 
-    ``None``: unchanged; an int: the longer side becomes that many pixels;
-    ``[height, width]``: exactly that size.
+    ``resize``: ``None``: unchanged; an int: the longer side becomes that many pixels
+    (smaller images are enlarged); ``[height, width]``: exactly that size.
+    ``resize_max`` (hloc's option of that name): then, if the longer side exceeds it, the
+    image is shrunk (aspect kept) so that it does not; never enlarged. Every local
+    extractor has a default ``resize_max``, so a 12-megapixel photo is never described at
+    full resolution by accident.
     """
     if resize is None:
-        return width, height
-    if isinstance(resize, int):
+        tw, th = width, height
+    elif isinstance(resize, int) and not isinstance(resize, bool):
         scale = resize / max(width, height)
-        return max(1, round(width * scale)), max(1, round(height * scale))
-    h, w = resize
-    return int(w), int(h)
+        tw, th = max(1, round(width * scale)), max(1, round(height * scale))
+    else:
+        h, w = resize
+        tw, th = int(w), int(h)
+    if resize_max is not None:
+        if isinstance(resize_max, bool) or not isinstance(resize_max, int) or resize_max < 1:
+            raise ValueError(f"resize_max must be a positive integer (pixels of the longer side) or None, "
+                             f"not {resize_max!r}")
+        if max(tw, th) > resize_max:
+            scale = resize_max / max(tw, th)
+            tw, th = max(1, round(tw * scale)), max(1, round(th * scale))
+    return tw, th
 
 
-def load_uint8(path: str | Path, resize=None) -> torch.Tensor:
-    """Read an image as a ``uint8`` tensor ``[3, H, W]``, resized per ``resize``.
+def load_uint8(path: str | Path, resize=None, resize_max: int | None = None) -> torch.Tensor:
+    """Read an image as a ``uint8`` tensor ``[3, H, W]``, resized per ``resize`` / ``resize_max``
+    (:func:`target_size`).
 
     Loaders pass images on as 8 bits (a quarter of the bytes of floats) and convert
     them with :func:`to_float` where the model runs.
     """
+    return load_uint8_sized(path, resize, resize_max)[0]
+
+
+def load_uint8_sized(path: str | Path, resize=None, resize_max: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """:func:`load_uint8` and the file's own ``(width, height)`` (to map positions found in
+    the resized image back to the original's, :func:`to_original_frame`)."""
     img = read_image(path)
     h, w = img.shape[:2]
-    tw, th = target_size(w, h, resize)
+    tw, th = target_size(w, h, resize, resize_max)
     if (tw, th) != (w, h):
         img = np.array(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), (w, h)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -57,6 +77,35 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
-def load_tensor(path: str | Path, resize=None) -> torch.Tensor:
-    """Read an image as a float tensor ``[3, H, W]`` in [0, 1], resized per ``resize``."""
-    return to_float(load_uint8(path, resize))
+def load_tensor(path: str | Path, resize=None, resize_max: int | None = None) -> torch.Tensor:
+    """Read an image as a float tensor ``[3, H, W]`` in [0, 1], resized per ``resize`` / ``resize_max``."""
+    return to_float(load_uint8(path, resize, resize_max))
+
+
+def to_original_frame(points, described: tuple, original: tuple):
+    """Pixel positions ``[N, 2]`` (x, y) in an image resized to ``described = (w, h)`` ->
+    the same positions in the ``original = (w, h)`` image.
+
+    Pixel centres are at integer coordinates in both frames (hloc's convention:
+    ``(x + 0.5) * scale - 0.5``), so a keypoint at the centre of a pixel of the resized
+    image lands on the centre of the region that pixel covers. Computed in float64; the
+    positions come back unchanged (same array) when the sizes are equal."""
+    if tuple(int(v) for v in described) == tuple(int(v) for v in original):
+        return points
+    sx, sy = original[0] / described[0], original[1] / described[1]
+    out = np.array(points, np.float64)
+    out[..., 0] = (points[..., 0] + 0.5) * sx - 0.5
+    out[..., 1] = (points[..., 1] + 0.5) * sy - 0.5
+    return out
+
+
+def to_described_frame(points, described: tuple, original: tuple):
+    """The inverse of :func:`to_original_frame`: original-image pixels -> pixels of the image
+    the model described (for scorers whose thresholds are in the model's frame)."""
+    if tuple(int(v) for v in described) == tuple(int(v) for v in original):
+        return points
+    sx, sy = original[0] / described[0], original[1] / described[1]
+    out = np.array(points, np.float64)
+    out[..., 0] = (points[..., 0] + 0.5) / sx - 0.5
+    out[..., 1] = (points[..., 1] + 0.5) / sy - 0.5
+    return out

@@ -1,9 +1,11 @@
 """Local features of many images, extracted once, stored by image name.
 
 A store is a folder of HDF5 part files (``part_<writer>_NNNNNN.h5``), each holding one
-group per image (hloc's layout: ``keypoints [N, 2]`` float32, ``descriptors
-[N, D]`` float16 (or float32), ``scores [N]`` float16, ``image_size [2]`` = the described
-width/height, ``original_size [2]``, optional per-keypoint ``levels [N]`` int16 and
+group per image (hloc's layout: ``keypoints [N, 2]`` float32 in pixels of the original
+image file (whatever size the model described it at: ``(x + 0.5) * scale - 0.5``, so
+RANSAC's thresholds are original-image pixels), ``descriptors [N, D]`` float16 (or
+float32), ``scores [N]`` float16, ``image_size [2]`` = the width/height the model
+described (the extractor's ``resize`` / ``resize_max``), ``original_size [2]``, optional per-keypoint ``levels [N]`` int16 and
 ``scales [N]`` float32, and optional per-image arrays named ``global_*``, e.g. a
 global descriptor that learned scorers such as RRT read). Parts are written
 to a temporary file and renamed when complete, so a killed run leaves only whole
@@ -48,7 +50,7 @@ from tqdm import tqdm
 
 from .extract_global import conf_hash, image_loader, pick_device
 from .global_features.base import merge_conf
-from .images import to_float
+from .images import to_described_frame, to_float, to_original_frame
 from .io import atomic_path, write_json
 from .local_features import build_model, get_model_class
 
@@ -64,6 +66,9 @@ COMPRESSIONS = ("lzf", "gzip", "none")
 MAX_OPEN = 32
 #: arrays smaller than this stay contiguous (compression needs chunks, which cost more than they save)
 MIN_COMPRESS_BYTES = 1024
+#: the frame stored keypoints are in (part of every store's hash; stores written before it
+#: existed hold keypoints of the described image and are read back converted)
+KEYPOINT_FRAME = "original"
 
 
 def split_conf(conf: dict) -> tuple[dict, dict]:
@@ -86,15 +91,21 @@ def split_conf(conf: dict) -> tuple[dict, dict]:
     return conf, store
 
 
+def model_conf_full(model_conf: dict) -> dict:
+    """An extractor's model conf with its class's defaults filled in."""
+    cls = get_model_class(model_conf["name"])
+    return merge_conf({**cls.base_conf, **cls.default_conf}, model_conf, f"local features {model_conf['name']}")
+
+
 def store_dir(base: str | Path, conf: dict) -> Path:
     """The parts folder for an extractor conf under ``base`` (name + hash of the conf with the
     model's defaults filled in, so a changed default -- e.g. ALIKED's NMS -- gets a new store).
     float32 descriptors are part of the hash; compression and part size are not (same values)."""
     model_conf, store = split_conf(conf)
-    cls = get_model_class(model_conf["name"])
-    full = merge_conf({**cls.base_conf, **cls.default_conf}, model_conf, f"local features {model_conf['name']}")
+    full = model_conf_full(model_conf)
     if store["descriptors"] != STORE_DEFAULTS["descriptors"]:
         full = {**full, "store_descriptors": store["descriptors"]}
+    full = {**full, "keypoint_frame": KEYPOINT_FRAME}
     return Path(base) / f"{model_conf['name']}-{conf_hash(full)}"
 
 
@@ -185,7 +196,8 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
     if todo:
         dev = pick_device(device)
         model = build_model(model_conf).eval().to(dev)
-        loader = image_loader(root, todo, model.conf["resize"], 1, num_workers)  # the model's default if unset
+        # the model's default size if the conf sets none
+        loader = image_loader(root, todo, model.conf["resize"], 1, num_workers, resize_max=model.conf["resize_max"])
         token, next_part = writer_token(), 0
         buffer: dict[str, dict] = {}
         t0 = time.perf_counter()
@@ -203,6 +215,7 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
                 orig = _original_size(Path(root) / todo[i])
                 d["image_size"] = (img.shape[2], img.shape[1])
                 d["original_size"] = orig
+                d["keypoints"] = to_original_frame(d["keypoints"], d["image_size"], orig)
                 buffer[todo[i]] = d
             if len(buffer) >= store["part_size"]:
                 write_part(folder / f"part_{token}_{next_part:06d}.h5", buffer, store)
@@ -218,7 +231,8 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
         "errors": errors, "extracted_this_run": len(todo) - len(errors), "seconds": seconds,
         # the model's time per image (decoding excluded), kept in the parts across runs
         "image_seconds": {n: per_image[n] for n in names if n in index},
-        "store_bytes": size, "store": store,
+        "store_bytes": size, "store": store, "keypoint_frame": KEYPOINT_FRAME,
+        "resize": model_conf_full(model_conf).get("resize"), "resize_max": model_conf_full(model_conf).get("resize_max"),
     }
     logger.info("%s: %.1f MB for %d images", folder, size / 1e6, len(index))
     write_json(folder / "index.json", info)
@@ -230,6 +244,16 @@ def _original_size(path: Path) -> tuple[int, int]:
 
     with Image.open(path) as im:
         return im.size
+
+
+def described_keypoints(feats: dict) -> np.ndarray:
+    """An image's stored keypoints (original-image pixels) in pixels of the image the model
+    described (``image_size``): the frame of scorers whose thresholds are upstream's in the
+    model's input (Patch-NetVLAD's and TransVPR's 480 x 640 grids)."""
+    kp = np.asarray(feats["keypoints"])
+    if "image_size" not in feats or "original_size" not in feats:
+        return kp
+    return to_described_frame(kp, feats["image_size"], feats["original_size"])
 
 
 class FeatureStore:
@@ -250,6 +274,8 @@ class FeatureStore:
         self.folder = Path(info["folder"])
         self.images: dict[str, str] = info["images"]
         self.errors: dict[str, str] = info.get("errors", {})
+        # stores written before keypoints were stored in the original frame: converted on read
+        self.frame = info.get("keypoint_frame", "described")
         self.max_open = max(1, max_open)
         self._files: OrderedDict[str, h5py.File] = OrderedDict()
 
@@ -277,14 +303,19 @@ class FeatureStore:
         self._files[part] = f
         return f
 
-    def get(self, name: str) -> dict | None:
-        """Features of one image as numpy arrays (None for an unreadable image)."""
+    def get(self, name: str, exclude: tuple[str, ...] = ()) -> dict | None:
+        """Features of one image as numpy arrays (None for an unreadable image); arrays named
+        in ``exclude`` are not read (scorers need keypoints, not the descriptors: ~50x less
+        to read)."""
         if name not in self.images:
             if name in self.errors:
                 return None
             raise KeyError(f"{self.index_file}: no features for {name!r}")
         g = self._file(self.images[name])[name]
-        return {k: g[k][()] for k in g.keys()}
+        d = {k: g[k][()] for k in g.keys() if k not in exclude}
+        if self.frame != KEYPOINT_FRAME and "original_size" in d:
+            d["keypoints"] = to_original_frame(d["keypoints"], d["image_size"], d["original_size"]).astype(np.float32)
+        return d
 
     def close(self):
         for f in self._files.values():

@@ -12,7 +12,7 @@ the defaults filled in, plus the feature store it reads) of immutable HDF5 part 
   matcher's time for the pair: its share of the batch it ran in);
 - kind ``matches``: ``matches [T, 2]`` int32 indices into the two images' keypoints and
   ``scores [T]`` float16; kind ``points``: ``points [T, 4]`` float32 (x0, y0, x1, y1 in
-  pixels, image-input matchers) and ``scores``; kind ``pair_score``: ``pair_scores [P, L]``.
+  pixels of the original image files, image-input matchers) and ``scores``; kind ``pair_score``: ``pair_scores [P, L]``.
 
 Parts are written to a temporary name and renamed when complete, so a killed run leaves
 whole parts only and a re-run matches only the pairs no part holds. Each writer names its
@@ -61,6 +61,8 @@ def store_dir(base, matcher_conf: dict, features: str) -> Path:
         base_conf.setdefault("resize", None)
     full = merge_conf(base_conf, matcher_conf, f"matcher {matcher_conf['name']}")
     full = {k: v for k, v in full.items() if k not in NOT_HASHED}
+    if cls.output == "points":  # positions in original-image pixels (earlier stores: the matcher's input)
+        full["points_frame"] = "original"
     return Path(base) / f"{matcher_conf['name']}-{conf_hash({'matcher': full, 'features': features})}"
 
 

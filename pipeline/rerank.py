@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .extract_global import pick_device
 from .io import atomic_path
-from .local_store import FeatureStore, writer_token
+from .local_store import FeatureStore, described_keypoints, writer_token
 from .match_store import MatchView, PartWriter, scan, store_dir, write_view
 from .matchers import build_matcher
 from .scorers import build_scorer
@@ -135,14 +135,17 @@ class FeatureSource:
 
 
 class ImageSource:
-    """Images for image-input matchers: float RGB ``[3, H, W]`` on the device, resized per ``resize``.
+    """Images for image-input matchers: float RGB ``[3, H, W]`` on the device, resized per the
+    matcher's ``resize`` / ``resize_max``; ``sizes[name]`` = ((described w, h), (original w, h)),
+    to report positions in original-image pixels (:meth:`to_original`).
 
     An unreadable image is logged and gives ``None`` (its pairs get no matches).
     """
 
-    def __init__(self, root, resize, device):
-        self.root, self.resize, self.device = Path(root), resize, torch.device(device)
+    def __init__(self, root, resize, device, resize_max=None):
+        self.root, self.resize, self.resize_max, self.device = Path(root), resize, resize_max, torch.device(device)
         self.errors: dict[str, str] = {}
+        self.sizes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
 
     def check(self, names) -> None:
         missing = [n for n in dict.fromkeys(names) if not (self.root / n).is_file()]
@@ -150,14 +153,15 @@ class ImageSource:
             raise FileNotFoundError(f"{len(missing)} images are not under {self.root}, e.g. {missing[:3]}")
 
     def load_host(self, name: str):
-        from .images import ImageReadError, load_uint8
+        from .images import ImageReadError, load_uint8_sized
 
         try:
-            x = load_uint8(self.root / name, self.resize)
+            x, original = load_uint8_sized(self.root / name, self.resize, self.resize_max)
         except ImageReadError as e:
             self.errors[name] = str(e)
             logger.warning("skipped: %s", e)
             return None
+        self.sizes[name] = ((x.shape[2], x.shape[1]), original)
         return x.pin_memory() if self.device.type == "cuda" else x
 
     def to_device(self, x):
@@ -168,6 +172,20 @@ class ImageSource:
     def load(self, name: str):
         x = self.load_host(name)
         return self.to_device(x) if x is not None else None
+
+    def to_original(self, pair: tuple[str, str], result: dict) -> dict:
+        """A ``points`` result with positions in the two images' original pixels."""
+        from .images import to_original_frame
+
+        if "keypoints0" not in result:
+            return result
+        out = dict(result)
+        for side, name in enumerate(pair):
+            if name not in self.sizes:  # unreadable: no positions to map
+                continue
+            described, original = self.sizes[name]
+            out[f"keypoints{side}"] = to_original_frame(np.asarray(result[f"keypoints{side}"]), described, original)
+        return out
 
     def close(self) -> None:
         pass
@@ -228,6 +246,29 @@ def _prefetch(source, blocks, depth: int = 2):
 REUSE = object()
 
 
+def input_size(features_conf: dict | None, matcher_conf: dict) -> dict:
+    """The image-size settings a re-ranking method's model ran at, defaults filled in: the
+    extractor's (or, with no extractor, the image-input matcher's) ``resize`` and
+    ``resize_max``, plus a bound the model applies itself (e.g. ``{"max_edge": 1600}``)."""
+    from .global_features.base import merge_conf
+
+    if features_conf:
+        from .local_features import get_model_class
+        from .local_store import model_conf_full, split_conf
+
+        full = model_conf_full(split_conf(features_conf)[0])
+        cls = get_model_class(full["name"])
+        out = {"resize": full.get("resize"), "resize_max": full.get("resize_max")}
+        if cls.size_bound:
+            out[cls.size_bound] = full.get(cls.size_bound)
+        return out
+    from .matchers import get_matcher_class
+
+    cls = get_matcher_class(matcher_conf["name"])
+    full = merge_conf({**cls.base_conf, **cls.default_conf}, matcher_conf, f"matcher {matcher_conf['name']}")
+    return {"resize": full.get("resize"), "resize_max": full.get("resize_max")}
+
+
 def _to_numpy(r: dict) -> dict:
     return {k: v.cpu().numpy() for k, v in r.items()}
 
@@ -252,7 +293,7 @@ def match_topk(features: str | Path | None, matcher_conf: dict, topk_path, k: in
     if matcher.inputs == "images":
         if root is None:
             raise ValueError(f"matcher {matcher_conf['name']!r} reads images: give the dataset root")
-        source = ImageSource(root, matcher.conf.get("resize"), dev)
+        source = ImageSource(root, matcher.conf.get("resize"), dev, matcher.conf.get("resize_max"))
         features_id = IMAGES
     else:
         if features is None:
@@ -294,6 +335,8 @@ def match_topk(features: str | Path | None, matcher_conf: dict, topk_path, k: in
                         cache.popitem(last=False)
                 results = matcher.match_block([(prepared[q], prepared[c]) for q, c in block])
                 results = [_to_numpy(r) for r in results]  # waits for the device
+                if kind == "points":  # positions in original-image pixels
+                    results = [source.to_original(p, r) for p, r in zip(block, results)]
             each = (time.perf_counter() - t0) / len(block)
             writer.add(block, results, [each] * len(block))
             bar.update(len(block))
@@ -308,6 +351,8 @@ def match_topk(features: str | Path | None, matcher_conf: dict, topk_path, k: in
             "device": str(dev), "pairs": len(wanted), "pairs_matched_this_run": len(todo),
             "pairs_reused": len(wanted) - len(todo), "match_seconds_this_run": time.perf_counter() - t_start,
             "unreadable_images": getattr(source, "errors", {})}
+    if kind == "points":
+        info["points_frame"] = "original"
     info = write_view(out, folder, index, qnames, cnames, info)
     logger.info("%s: %.3f s/query%s (%d pairs matched now, %d reused)", out, info["seconds_per_query"],
                 f", {info['mean_matches']:.0f} matches per pair" if "mean_matches" in info else "",
@@ -340,6 +385,10 @@ def extraction_seconds(features, topk: TopK, k: int, resolve=lambda n: n) -> flo
     return None if np.isnan(value) else value
 
 
+#: images whose keypoints a scoring process keeps in memory
+SCORE_CACHE = 4096
+
+
 class QueryScorer:
     """Scores one query's candidates from the stored matches (one per process of a pool)."""
 
@@ -349,6 +398,7 @@ class QueryScorer:
         self.scorer = build_scorer(scorer_conf)
         self.store = FeatureStore(features) if self.matches.kind == "matches" else None
         self.qnames, self.cnames, self.similarity = qnames, cnames, similarity
+        self.cache: OrderedDict[str, dict | None] = OrderedDict()
 
     def __call__(self, qi: int) -> tuple[np.ndarray, float]:
         """``(scores [K], seconds)`` of query ``qi``."""
@@ -357,7 +407,7 @@ class QueryScorer:
         if matches.kind == "pair_score":
             raw = np.stack([matches.pair_score(qi, rank) for rank in range(k)]).astype(np.float64)
             return scorer.score_query(raw, self.similarity[qi]), time.perf_counter() - t0
-        q = store.get(self.qnames[qi]) if store else {}
+        q = self._features(self.qnames[qi]) if store else {}
         raws = []
         for rank in range(k):
             m = matches.pair(qi, rank)
@@ -365,8 +415,8 @@ class QueryScorer:
                 kq, kc, c = m[:, :2], m[:, 2:], {}
                 m = np.repeat(np.arange(len(m))[:, None], 2, 1)
             else:
-                c = store.get(self.cnames[qi][rank])
-                kq, kc = (q["keypoints"] if q is not None else None), (c["keypoints"] if c is not None else None)
+                c = self._features(self.cnames[qi][rank])
+                kq, kc = self._keypoints(q), self._keypoints(c)
             if q is None or c is None or not len(m):
                 raws.append(None)
                 continue
@@ -374,6 +424,23 @@ class QueryScorer:
         width = max((len(r) for r in raws if r is not None), default=1)
         raw = np.array([r if r is not None else np.zeros(width) for r in raws], dtype=np.float64)
         return scorer.finalize(raw), time.perf_counter() - t0
+
+    def _features(self, name: str):
+        """An image's features without descriptors (scorers use positions), from a cache:
+        neighbouring queries share candidates."""
+        if name in self.cache:
+            self.cache.move_to_end(name)
+            return self.cache[name]
+        d = self.cache[name] = self.store.get(name, exclude=("descriptors",))
+        if len(self.cache) > SCORE_CACHE:
+            self.cache.popitem(last=False)
+        return d
+
+    def _keypoints(self, feats):
+        """Keypoints in the scorer's frame (stores hold original-image pixels)."""
+        if feats is None:
+            return None
+        return described_keypoints(feats) if self.scorer.conf["frame"] == "model" else feats["keypoints"]
 
     def close(self):
         if self.store:
@@ -391,6 +458,64 @@ def _worker_init(args):
 
 def _worker_score(qi: int):
     return qi, *_WORKER(qi)
+
+
+def _worker_up() -> bool:
+    return _WORKER is not None
+
+
+#: whether the main process scores queries too while the pool works (tests turn it off
+#: to send every query through the pool)
+MAIN_SCORES = True
+
+
+def _score_in_processes(args, n: int, workers: int, scores, seconds, bar) -> int:
+    """Score queries ``0..n-1`` in this process and ``workers - 1`` others.
+
+    Starting a process costs seconds (it imports torch), as much as scoring a small
+    top-k: so this process scores queries from the front of the list from the start,
+    while the pool, once up, takes queries from the back (a few in flight per process);
+    they meet in the middle. A cheap scorer is done before the pool has started, an
+    expensive one keeps every process busy. Every query is scored by exactly one
+    process with the same per-pair seeds, so the scores are those of one process.
+    Returns how many queries the pool scored.
+    """
+    # spawned, not forked: a fork of a process that ran OpenMP / torch threads can hang
+    ctx = mp.get_context("spawn")
+    logger.info("scoring %d queries in %d processes", n, workers)
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one process per core
+    one = QueryScorer(*args)
+    front, back, pending, in_pool = 0, n, [], 0
+    try:
+        with ctx.Pool(workers - 1, initializer=_worker_init, initargs=(args,)) as pool:
+            up = pool.apply_async(_worker_up)  # answered once a worker has initialised
+            while front < back or pending:
+                done = [r for r in pending if r.ready()]
+                for r in done:
+                    qi, scores[qi], seconds[qi] = r.get()
+                    in_pool += 1
+                    bar.update(1)
+                pending = [r for r in pending if all(r is not d for d in done)]
+                # queries go to the pool only once it is up: a query queued to a pool still
+                # starting would wait there after this process had scored all the others
+                while up.ready() and front < back and len(pending) < 2 * (workers - 1):
+                    back -= 1
+                    pending.append(pool.apply_async(_worker_score, (back,)))
+                if front < back and MAIN_SCORES:
+                    scores[front], seconds[front] = one(front)
+                    front += 1
+                    bar.update(1)
+                elif pending:
+                    pending[0].wait(0.05)
+                else:
+                    up.wait(0.05)
+            pool.terminate()  # idle, or still starting up when this process scored everything
+    finally:
+        one.close()
+        cv2.setNumThreads(threads)
+    logger.info("%d of %d queries scored in the pool", in_pool, n)
+    return in_pool
 
 
 def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out, resolve=lambda n: n,
@@ -415,6 +540,10 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
             f"(matcher {matches.info['matcher'].get('name')!r}): pair scores need the pair_score scorer, "
             "matches a geometric scorer"
         )
+    if matches.kind == "points" and scorer.conf["frame"] != "original":
+        raise ValueError(f"scorer {scorer_conf['name']!r}: frame {scorer.conf['frame']!r} needs index matches of a "
+                         f"feature store; {matches_path} holds positions of an image-input matcher, which are in "
+                         "original-image pixels (use frame: original)")
     if matches.kind == "matches" and features is None:
         raise ValueError(f"{matches_path} holds index matches: the feature store is needed to score them")
     extraction = extraction_seconds(features, topk, k, resolve) if features is not None else None
@@ -433,13 +562,7 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
             bar.update(1)
         one.close()
     else:
-        # spawned, not forked: a fork of a process that ran OpenMP / torch threads can hang
-        ctx = mp.get_context("spawn")
-        logger.info("scoring %d queries in %d processes", len(topk), workers)
-        with ctx.Pool(workers, initializer=_worker_init, initargs=(args,)) as pool:
-            for qi, sc, sec in pool.imap_unordered(_worker_score, range(len(topk)), chunksize=4):
-                scores[qi], seconds[qi] = sc, sec
-                bar.update(1)
+        _score_in_processes(args, len(topk), workers, scores, seconds, bar)
     bar.close()
     # stable sort on -score: ties keep the retrieval order
     order = np.argsort(-scores, axis=1, kind="stable")

@@ -173,7 +173,12 @@ def test_superglue_block_equals_pair_at_a_time(tmp_path):
             torch.testing.assert_close(cut, own, rtol=0, atol=1e-4)
 
 
-def test_scoring_in_processes_equals_one_process(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("main_scores", [True, False], ids=["shared", "all_in_pool"])
+def test_scoring_in_processes_equals_one_process(tmp_path, tiny_dataset, monkeypatch, caplog, main_scores):
+    """Queries scored in the pool (all of them, or those the pool takes while this
+    process scores from the front) get exactly the one-process scores."""
+    import logging
+
     import h5py
 
     from pipeline import rerank as rr
@@ -193,8 +198,12 @@ def test_scoring_in_processes_equals_one_process(tmp_path, tiny_dataset):
     rr.match_topk(tmp_path / "feat.json", {"name": "mnn"}, tmp_path / "topk.h5", 4, tmp_path / "m.h5", device="cpu")
     scorer = {"name": "ransac", "threshold": 8, "max_iters": 500}
     one = rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", scorer, tmp_path / "topk.h5", 4, tmp_path / "a.h5")
-    two = rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", scorer, tmp_path / "topk.h5", 4, tmp_path / "b.h5",
-                        workers=2)
+    monkeypatch.setattr(rr, "MAIN_SCORES", main_scores)
+    with caplog.at_level(logging.INFO, logger="pipeline.rerank"):
+        two = rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", scorer, tmp_path / "topk.h5", 4,
+                            tmp_path / "b.h5", workers=2)
+    if not main_scores:
+        assert "4 of 4 queries scored in the pool" in caplog.text
     assert isinstance(one, TopK) and (one.candidate_names == two.candidate_names).all()
     with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
         np.testing.assert_array_equal(a["rerank_scores"][:], b["rerank_scores"][:])

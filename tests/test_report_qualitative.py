@@ -14,7 +14,7 @@ import pipeline.rerank as rr
 from pipeline.datasets.index import index_dataset
 from pipeline.evaluate import candidate_distances, index_positions
 from pipeline.io import write_json
-from pipeline.local_store import FeatureStore, extract_local
+from pipeline.local_store import FeatureStore, described_keypoints, extract_local
 from pipeline.reports.qualitative import (
     GROUPS,
     choose_queries,
@@ -143,16 +143,19 @@ def test_report_data_match_evaluation_and_scorer(method):
     assert list(matches.columns) == ["xq", "yq", "xc", "yc", "inlier"]
     assert len(matches) == len(m) == fig["n_matches"] > 0
     assert matches.inlier.sum() == score == fig["n_inliers"] >= 8
-    # positions at original-image pixels: stored (described) keypoints x 2
+    # positions at original-image pixels, as the store holds them (the model saw half the size)
     assert tuple(fq["original_size"]) == (256, 192) and tuple(fq["image_size"]) == (128, 96)
-    np.testing.assert_allclose(matches[["xq", "yq"]], fq["keypoints"][m[:, 0]] * 2, atol=2e-3)
-    np.testing.assert_allclose(matches[["xc", "yc"]], fc["keypoints"][m[:, 1]] * 2, atol=2e-3)
+    np.testing.assert_allclose(matches[["xq", "yq"]], fq["keypoints"][m[:, 0]], atol=2e-3)
+    np.testing.assert_allclose(matches[["xc", "yc"]], fc["keypoints"][m[:, 1]], atol=2e-3)
+    described = described_keypoints(fq)
+    assert described.max(0)[0] < 128 and described.max(0)[1] < 96 and fq["keypoints"].max() > 128
+    np.testing.assert_allclose((described + 0.5) * 2 - 0.5, fq["keypoints"], atol=1e-3)
     _check_png(out / "matches_ransac.png")
 
     # Figure 4.9: every stored keypoint of the query, at original-image pixels
     kp = pd.read_csv(out / "keypoints_query.csv")
     assert len(kp) == len(fq["keypoints"]) == fig_of(manifest, "keypoints")["n_keypoints"] > 0
-    np.testing.assert_allclose(kp[["x", "y"]], fq["keypoints"] * 2, atol=2e-3)
+    np.testing.assert_allclose(kp[["x", "y"]], fq["keypoints"], atol=2e-3)
     _check_png(out / "keypoints_query.png", 200, 150)
     store.close()
 

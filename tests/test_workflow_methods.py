@@ -43,8 +43,9 @@ SCORERS = {
                       "min_matches": 4},
     "rrt_score": {"name": "pair_score"},
     "pnv_ransac": {"name": "multiscale_ransac", "threshold": 24, "thresholds": [24, 24, 24], "min_matches": 4,
-                   "weights": [0.45, 0.15, 0.4], "direction": "candidate_to_query", "seed": 0},
-    "pnv_rss": {"name": "rapid_spatial", "cell_size": 16, "weights": [0.45, 0.15, 0.4]},
+                   "weights": [0.45, 0.15, 0.4], "direction": "candidate_to_query", "seed": 0, "frame": "model"},
+    "pnv_rss": {"name": "rapid_spatial", "cell_size": 16, "weights": [0.45, 0.15, 0.4], "frame": "model"},
+    "transvpr_ransac": {"name": "ransac", "threshold": 24, "max_iters": 2000, "seed": 0, "frame": "model"},
     "cvnet_score": {"name": "pair_score", "model_weight": 0.5, "global_weight": 1.0},
 }
 METHODS = {
@@ -52,7 +53,7 @@ METHODS = {
     "delg_ransac": {"features": "delg", "matcher": "delg_nn", "scorer": "ransac_affine"},
     "delg_rrt": {"features": "delg", "matcher": "rrt", "scorer": "rrt_score"},
     "delg_pt_rrt": {"features": "delg_pt", "matcher": "rrt512", "scorer": "rrt_score"},
-    "transvpr_ransac": {"features": "transvpr", "matcher": "mnn_dot", "scorer": "ransac"},
+    "transvpr_ransac": {"features": "transvpr", "matcher": "mnn_dot", "scorer": "transvpr_ransac"},
     "patchnetvlad_ransac": {"features": "patchnetvlad", "matcher": "mnn_by_level", "scorer": "pnv_ransac"},
     "patchnetvlad_rapid": {"features": "patchnetvlad", "matcher": "mnn_by_level", "scorer": "pnv_rss"},
     "loftr": {"features": None, "matcher": "loftr", "scorer": "ransac"},

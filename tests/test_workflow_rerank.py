@@ -56,6 +56,8 @@ def test_rerank_raises_recall_at_1(project):
     assert rr.rerank_s_per_query == pytest.approx(
         rr.extract_s_per_query + rr.match_s_per_query + rr.score_s_per_query, abs=0.02)
     assert rr.weights == "none"  # SIFT + RANSAC: no weight files
+    # the size SIFT described the images at: its default cap (the 160 px images are not enlarged)
+    assert json.loads(rr.input_size) == {"resize": None, "resize_max": 1600}
 
 
 def test_gathered_shards_are_dropped_and_stay_dropped(project):

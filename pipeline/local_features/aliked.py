@@ -28,7 +28,8 @@ def upstream_nms2d(scores: torch.Tensor, kernel_size, mask_only: bool = True) ->
 
 class ALIKED(LocalModel):
     default_conf = {"model_name": "aliked-n16", "weights": None, "detection_threshold": 0.0, "nms_radius": 2,
-                    "nms": "upstream"}  # "upstream" (simple_nms) or "strict" (kornia's nms2d)
+                    "nms": "upstream",
+                    "resize_max": 1024}  # hloc's aliked-n16 conf  # "upstream" (simple_nms) or "strict" (kornia's nms2d)
 
     def __init__(self, conf=None):
         super().__init__(conf)

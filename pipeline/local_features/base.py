@@ -35,7 +35,15 @@ class LocalModel(nn.Module):
     normalize_descriptors: bool = True
 
     default_conf: dict[str, Any] = {}
-    base_conf: dict[str, Any] = {"name": None, "max_keypoints": 1024, "resize": None}
+    #: ``resize`` (None | longer side | [H, W]) and ``resize_max`` (longer side at most, never
+    #: enlarged; :func:`pipeline.images.target_size`): what the loader feeds the model. Each
+    #: extractor sets its own documented default (README, "Image sizes"); keypoints are
+    #: stored in the original image's pixels whatever the size.
+    base_conf: dict[str, Any] = {"name": None, "max_keypoints": 1024, "resize": None, "resize_max": None}
+
+    #: the conf key of a size bound the model applies itself (upstream's own resizing, e.g.
+    #: D2-Net's ``max_edge``), for models whose default ``resize_max`` is None
+    size_bound: str | None = None
 
     def __init__(self, conf: dict | None = None):
         super().__init__()

@@ -229,6 +229,8 @@ class D2Net(LocalModel):
         "edge_threshold": 5.0,
     }
     descriptor_dim = 512
+    #: upstream shrinks the image to max_edge (1600) / max_sum_edges (2800) itself
+    size_bound = "max_edge"
 
     def __init__(self, conf=None):
         super().__init__(conf)

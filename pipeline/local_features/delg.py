@@ -139,6 +139,9 @@ class DELG(LocalModel):
         "min_threshold": 0.1,
         "nms_iou": 0.98,
         "max_keypoints": 1000,
+        # the feymanpriv port describes the image as given (up to 2x); the authors' TF
+        # release caps the longer side at 1024 (max_image_size), and so does this default
+        "resize_max": 1024,
     }
     descriptor_dim = LOCAL_DIM
 

@@ -389,6 +389,8 @@ class DELGTF(LocalModel):
         "min_image_size": -1,
     }
     descriptor_dim = LOCAL_DIM
+    #: the TF release shrinks the longer side to max_image_size (1024) itself
+    size_bound = "max_image_size"
 
     def __init__(self, conf=None):
         super().__init__(conf)

@@ -8,7 +8,8 @@ from .base import LocalModel, weights_file
 
 
 class DISK(LocalModel):
-    default_conf = {"weights": None, "window_size": 5, "score_threshold": 0.0}
+    default_conf = {"weights": None, "window_size": 5, "score_threshold": 0.0,
+                    "resize_max": 1600}  # hloc's disk conf
 
     def __init__(self, conf=None):
         super().__init__(conf)

@@ -303,14 +303,16 @@ class PatchNetVLAD(LocalModel):
     def scorer_confs(self) -> dict[str, dict]:
         """Scorer confs with upstream's matching settings for these patches: RANSAC per patch
         size with a reprojection threshold of 1.5 strides (``1.5 * 16 * s`` px), rapid
-        spatial scoring on the 16 px grid; both weighted by ``patch_weights``."""
+        spatial scoring on the 16 px grid; both weighted by ``patch_weights``, both in the
+        pixels of the image the model saw (``frame: model``: 480 x 640 by default)."""
         weights = [float(w) for w in self.conf["patch_weights"]]
         thresholds = [RANSAC_THRESHOLD_STRIDES * CELL * s for s in self.strides]
         return {
             "multiscale_ransac": {"name": "multiscale_ransac", "method": "ransac", "threshold": thresholds[0],
                                   "thresholds": thresholds, "max_iters": 2000, "confidence": 0.995,
-                                  "weights": weights},
-            "rapid_spatial": {"name": "rapid_spatial", "cell_size": float(CELL), "weights": weights},
+                                  "weights": weights, "frame": "model"},
+            "rapid_spatial": {"name": "rapid_spatial", "cell_size": float(CELL), "weights": weights,
+                              "frame": "model"},
         }
 
     @torch.inference_mode()

@@ -111,6 +111,8 @@ class R2D2(LocalModel):
         "repeatability_thr": 0.7,
     }
     descriptor_dim = 128
+    #: upstream's pyramid describes only levels with both sides <= max_size (1024 px)
+    size_bound = "max_size"
 
     def __init__(self, conf=None):
         super().__init__(conf)

@@ -10,7 +10,8 @@ from .base import LocalModel
 
 
 class SIFT(LocalModel):
-    default_conf = {"root": True, "contrast_threshold": 0.02}
+    default_conf = {"root": True, "contrast_threshold": 0.02,
+                    "resize_max": 1600}  # hloc's sift conf
 
     @property
     def descriptor_dim(self) -> int:

@@ -99,7 +99,8 @@ def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
 class SuperPoint(LocalModel):
     """SuperPoint detector and descriptor; ``weights`` is the ``superpoint_v1.pth`` file."""
 
-    default_conf = {"weights": None, "nms_radius": 4, "keypoint_threshold": 0.005, "remove_borders": 4}
+    default_conf = {"weights": None, "nms_radius": 4, "keypoint_threshold": 0.005, "remove_borders": 4,
+                    "resize_max": 1024}  # hloc's superpoint_aachen conf (outdoor localization)
 
     def __init__(self, conf=None):
         super().__init__(conf)

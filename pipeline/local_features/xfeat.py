@@ -8,7 +8,8 @@ from .base import LocalModel, weights_file
 
 
 class XFeat(LocalModel):
-    default_conf = {"weights": None, "detection_threshold": 0.05}
+    default_conf = {"weights": None, "detection_threshold": 0.05,
+                    "resize_max": 1024}  # upstream takes images as given; 1024 as ALIKED
 
     def __init__(self, conf=None):
         super().__init__(conf)

@@ -19,12 +19,10 @@ so that what a figure claims can be checked without looking at it:
   one re-ranking method, and writes ``manifest.json`` (the files and their
   captions).
 
-Coordinates: feature stores hold keypoints in pixels of the *described* image
-(``image_size``); they are scaled by ``original_size / image_size`` to be drawn
-on the image file. Matches of image-input matchers (kind ``points``) are in pixels
-of the matcher's resized input (its conf's ``resize``) and are scaled likewise.
-RANSAC runs on the stored coordinates with the scorer's settings, so the inliers
-drawn are exactly those the scorer counts.
+Coordinates: feature stores hold keypoints, and image-input matchers (kind ``points``)
+positions, in pixels of the original image files; they are drawn as stored. RANSAC
+runs on them with the scorer's settings (in the described image's pixels for a scorer
+with ``frame: model``), so the inliers drawn are exactly those the scorer counts.
 
 An unreadable image is drawn as a grey placeholder carrying the error; it never
 stops a report.
@@ -427,13 +425,6 @@ def ransac_inliers(kq, kc, matches, conf: dict, q: dict | None = None, c: dict |
     return mask
 
 
-def _to_original(feats: dict) -> np.ndarray:
-    """Per-axis factors from a feature dict's described pixels to the original image's."""
-    img = np.asarray(feats.get("image_size", (1, 1)), np.float64)
-    orig = np.asarray(feats.get("original_size", img), np.float64)
-    return orig / np.where(img > 0, img, 1)
-
-
 def _image_size(path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
@@ -632,7 +623,7 @@ def qualitative_report(root, retrieval_topk, reranked_topk, out_dir, threshold_m
     # ---- Figure 4.9: keypoints of the figure query
     kind = M.kind if M is not None else None
     if q_feats is not None:
-        kp = np.asarray(q_feats["keypoints"], np.float64).reshape(-1, 2) * _to_original(q_feats)
+        kp = np.asarray(q_feats["keypoints"], np.float64).reshape(-1, 2)  # stores hold original-image pixels
         res = plot_keypoints(qpath, kp, out_dir / "keypoints_query.png", title=f"query {_short(qname)}",
                              scores=q_feats.get("scores"), size_hint=q_feats.get("original_size"))
         if res["error"]:
@@ -643,7 +634,7 @@ def qualitative_report(root, retrieval_topk, reranked_topk, out_dir, threshold_m
                n_keypoints=res["n_keypoints"])
     elif kind == "points" and ret_rank is not None:
         pts = M.pair(bi, ret_rank)
-        scale_q = _points_scale(qpath, M.info["matcher"])
+        scale_q = _points_scale(qpath, M)
         res = plot_keypoints(qpath, pts[:, :2] * scale_q, out_dir / "keypoints_query.png",
                              title=f"query {_short(qname)}: points matched with a candidate")
         if res["error"]:
@@ -681,12 +672,18 @@ def qualitative_report(root, retrieval_topk, reranked_topk, out_dir, threshold_m
             if kind == "points":  # stored positions, paired row by row (as score_topk scores them)
                 pq, pc = m[:, :2].astype(np.float64), m[:, 2:].astype(np.float64)
                 inl = ransac_inliers(pq, pc, np.repeat(np.arange(len(m))[:, None], 2, 1), conf)
-                res = plot_matches(qpath, cpath, pq * _points_scale(qpath, mconf), pc * _points_scale(cpath, mconf),
+                res = plot_matches(qpath, cpath, pq * _points_scale(qpath, M), pc * _points_scale(cpath, M),
                                    None, inl, out_dir / "matches_ransac.png", title)
             else:
                 kq, kc = np.asarray(q_feats["keypoints"], np.float64), np.asarray(c_feats["keypoints"], np.float64)
-                inl = ransac_inliers(kq, kc, m, conf, q_feats, c_feats)
-                res = plot_matches(qpath, cpath, kq * _to_original(q_feats), kc * _to_original(c_feats), m, inl,
+                if conf.get("frame") == "model":  # the scorer fits in the described images' pixels
+                    from ..local_store import described_keypoints
+
+                    inl = ransac_inliers(described_keypoints(q_feats), described_keypoints(c_feats), m, conf,
+                                         q_feats, c_feats)
+                else:
+                    inl = ransac_inliers(kq, kc, m, conf, q_feats, c_feats)
+                res = plot_matches(qpath, cpath, kq, kc, m, inl,
                                    out_dir / "matches_ransac.png", title,
                                    size_hints=(q_feats.get("original_size"), c_feats.get("original_size")))
             for side, name in (("query", qname), ("candidate", cname)):
@@ -733,8 +730,13 @@ def _features_of(store, name: str) -> dict | None:
     return store.get(name)
 
 
-def _points_scale(path, matcher_conf: dict) -> np.ndarray:
-    """Per-axis factors from an image-input matcher's resized input to the original image."""
+def _points_scale(path, M) -> np.ndarray:
+    """Per-axis factors from a matches view's stored positions to the original image: 1,
+    except for stores written before positions were stored in original-image pixels
+    (they hold the matcher's resized input)."""
+    if M.info.get("points_frame") == "original":
+        return np.ones(2)
+    matcher_conf = M.info["matcher"]
     size = _image_size(path)
     if size is None:
         return np.ones(2)
