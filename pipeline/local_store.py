@@ -40,9 +40,11 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import torch
@@ -200,26 +202,53 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
         loader = image_loader(root, todo, model.conf["resize"], 1, num_workers, resize_max=model.conf["resize_max"])
         token, next_part = writer_token(), 0
         buffer: dict[str, dict] = {}
-        t0 = time.perf_counter()
-        for batch in tqdm(loader, total=len(todo), desc=f"local features {conf['name']}", mininterval=2, unit="img"):
-            for i, err in batch.errors:
-                errors[todo[i]] = err
-                logger.warning("skipped: %s", err)
-            for k, i in enumerate(batch.idx):
-                img = batch.images[k]
-                t_img = time.perf_counter()
-                with torch.inference_mode():
-                    out = model(to_float(img.to(dev)))
-                d = {key: v.float().cpu().numpy() for key, v in out.items()}  # .cpu() waits for the device
-                d["seconds"] = time.perf_counter() - t_img
-                orig = _original_size(Path(root) / todo[i])
-                d["image_size"] = (img.shape[2], img.shape[1])
-                d["original_size"] = orig
-                d["keypoints"] = to_original_frame(d["keypoints"], d["image_size"], orig)
-                buffer[todo[i]] = d
+
+        def describe(img):
+            t_img = time.perf_counter()
+            with torch.inference_mode():
+                out = model(to_float(img.to(dev)))
+            d = {key: v.float().cpu().numpy() for key, v in out.items()}  # .cpu() waits for the device
+            d["seconds"] = time.perf_counter() - t_img
+            return d
+
+        def keep(i, img, d):
+            nonlocal next_part, buffer
+            orig = _original_size(Path(root) / todo[i])
+            d["image_size"] = (img.shape[2], img.shape[1])
+            d["original_size"] = orig
+            d["keypoints"] = to_original_frame(d["keypoints"], d["image_size"], orig)
+            buffer[todo[i]] = d
             if len(buffer) >= store["part_size"]:
                 write_part(folder / f"part_{token}_{next_part:06d}.h5", buffer, store)
                 next_part, buffer = next_part + 1, {}
+
+        threads = extraction_threads(model, dev)
+        pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        cv_threads = cv2.getNumThreads()
+        if pool:  # one image per thread, each single-threaded
+            cv2.setNumThreads(1)
+            logger.info("describing %d images at once on the CPU", threads)
+        pending: deque = deque()  # images in flight, kept in order
+        t0 = time.perf_counter()
+        try:
+            for batch in tqdm(loader, total=len(todo), desc=f"local features {conf['name']}", mininterval=2, unit="img"):
+                for i, err in batch.errors:
+                    errors[todo[i]] = err
+                    logger.warning("skipped: %s", err)
+                for k, i in enumerate(batch.idx):
+                    img = batch.images[k]
+                    if pool is None:
+                        keep(i, img, describe(img))
+                        continue
+                    pending.append((i, img, pool.submit(describe, img)))
+                    while len(pending) > 2 * threads:
+                        keep(*_resolved(pending.popleft()))
+            while pending:
+                keep(*_resolved(pending.popleft()))
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
+                cv2.setNumThreads(cv_threads)
         if buffer:
             write_part(folder / f"part_{token}_{next_part:06d}.h5", buffer, store)
         seconds = time.perf_counter() - t0
@@ -237,6 +266,19 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
     logger.info("%s: %.1f MB for %d images", folder, size / 1e6, len(index))
     write_json(folder / "index.json", info)
     return info
+
+
+def extraction_threads(model, device) -> int:
+    """Images described at once: one per core of this process (``torch.get_num_threads``)
+    for a CPU model that allows it (:attr:`LocalModel.cpu_threads_safe`), else 1."""
+    if torch.device(device).type != "cpu" or not getattr(model, "cpu_threads_safe", False):
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def _resolved(item):
+    i, img, future = item
+    return i, img, future.result()
 
 
 def _original_size(path: Path) -> tuple[int, int]:

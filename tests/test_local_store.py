@@ -140,3 +140,47 @@ def test_concurrent_readers_while_a_writer_adds_parts(tiny_dataset, tmp_path):
     parts = sorted(p.name for p in (tmp_path / "local").glob("*/part_*.h5"))
     # two writer runs, two tokens: part names never collide
     assert len({p.rsplit("_", 1)[0] for p in parts}) == 2 and len(parts) == 3 + -(-(len(names) - 6) // 2)
+
+
+def test_threaded_cpu_extraction_equals_one_at_a_time(tiny_dataset, tmp_path, monkeypatch, caplog):
+    """SIFT on a CPU describes one image per core in threads: the store holds exactly what
+    one image at a time gives, in the same parts, and an unreadable image is still reported."""
+    import logging
+
+    import torch
+
+    from pipeline.datasets.index import index_dataset, read_table
+    from pipeline.local_store import extraction_threads
+    from pipeline.local_features import build_model
+
+    index_dataset(tiny_dataset, tmp_path / "index")
+    names = read_table(tmp_path / "index" / "database.csv").name.tolist()
+    (tiny_dataset / "broken.jpg").write_bytes(b"not a jpeg")
+    names = names[:3] + ["broken.jpg"] + names[3:]
+    conf = {**SIFT, "store": {"part_size": 3}}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = extract_local(conf, tiny_dataset, names, tmp_path / "one", device="cpu")
+        torch.set_num_threads(3)
+        assert extraction_threads(build_model(SIFT), "cpu") == 3
+        with caplog.at_level(logging.INFO, logger="pipeline.local_store"):
+            many = extract_local(conf, tiny_dataset, names, tmp_path / "many", device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert "describing 3 images at once" in caplog.text
+    assert list(many["errors"]) == list(one["errors"]) == ["broken.jpg"]
+    assert many["images"].keys() == one["images"].keys() and len(many["images"]) == len(names) - 1
+    write_json(tmp_path / "one.json", one)
+    write_json(tmp_path / "many.json", many)
+    a, b = FeatureStore(tmp_path / "one.json"), FeatureStore(tmp_path / "many.json")
+    for n in one["images"]:
+        fa, fb = a.get(n), b.get(n)
+        assert len(fa["keypoints"]) > 50
+        for key in ("keypoints", "descriptors", "scores"):
+            np.testing.assert_array_equal(fa[key], fb[key])
+    # the parts were filled in the loader's order, as one at a time fills them
+    assert sorted(one["images"][n].split("_")[-1] for n in one["images"]) == \
+        sorted(many["images"][n].split("_")[-1] for n in many["images"])
+    # GPU models and torch extractors keep one image at a time
+    assert extraction_threads(build_model({"name": "sift"}), "cuda") == 1

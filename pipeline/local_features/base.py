@@ -44,6 +44,10 @@ class LocalModel(nn.Module):
     #: the conf key of a size bound the model applies itself (upstream's own resizing, e.g.
     #: D2-Net's ``max_edge``), for models whose default ``resize_max`` is None
     size_bound: str | None = None
+    #: whether, on a CPU, several images may be described at once in threads (the model
+    #: runs outside the GIL and keeps no state between calls, e.g. OpenCV's SIFT): the
+    #: store extracts with one thread per core, results identical to one at a time
+    cpu_threads_safe: bool = False
 
     def __init__(self, conf: dict | None = None):
         super().__init__()

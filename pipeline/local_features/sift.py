@@ -10,6 +10,9 @@ from .base import LocalModel
 
 
 class SIFT(LocalModel):
+    # a fresh cv2.SIFT per call, OpenCV releases the GIL: one image per core in threads
+    # (2 threads on 2 cores: 7.4 ms an image against 13.6 ms with OpenCV's own threads)
+    cpu_threads_safe = True
     default_conf = {"root": True, "contrast_threshold": 0.02,
                     "resize_max": 1600}  # hloc's sift conf
 
