@@ -20,10 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import pickle
 import queue
+import tempfile
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import cv2
@@ -450,10 +454,11 @@ class QueryScorer:
 _WORKER: QueryScorer | None = None
 
 
-def _worker_init(args):
+def _worker_init(args_file: str):
     global _WORKER
     cv2.setNumThreads(1)  # one process per core already
-    _WORKER = QueryScorer(*args)
+    with open(args_file, "rb") as f:
+        _WORKER = QueryScorer(*pickle.load(f))
 
 
 def _worker_score(qi: int):
@@ -478,6 +483,9 @@ def _score_in_processes(args, n: int, workers: int, scores, seconds, bar) -> int
     they meet in the middle. A cheap scorer is done before the pool has started, an
     expensive one keeps every process busy. Every query is scored by exactly one
     process with the same per-pair seeds, so the scores are those of one process.
+
+    A worker that dies (killed for memory, a crash in its set-up) breaks the pool: the
+    queries it had are scored here, with a warning, instead of waiting for them forever.
     Returns how many queries the pool scored.
     """
     # spawned, not forked: a fork of a process that ran OpenMP / torch threads can hang
@@ -486,36 +494,71 @@ def _score_in_processes(args, n: int, workers: int, scores, seconds, bar) -> int
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # one process per core
     one = QueryScorer(*args)
-    front, back, pending, in_pool = 0, n, [], 0
+    front, back, in_pool = 0, n, 0
+    pending: dict = {}  # future -> query index
+    rest: list[int] = []  # queries of a broken pool, left to this process
+    # the scorer's arguments (all queries' candidate names: megabytes at SF-XL scale) go
+    # through a file: through the spawn pipe, a start would block this process until the
+    # child had imported torch and read them
+    tmp = tempfile.TemporaryDirectory(prefix="vg-score-")
+    args_file = Path(tmp.name) / "args.pkl"
+    args_file.write_bytes(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL))
+    pool = ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_worker_init, initargs=(str(args_file),))
     try:
-        with ctx.Pool(workers - 1, initializer=_worker_init, initargs=(args,)) as pool:
-            up = pool.apply_async(_worker_up)  # answered once a worker has initialised
-            while front < back or pending:
-                done = [r for r in pending if r.ready()]
-                for r in done:
-                    qi, scores[qi], seconds[qi] = r.get()
-                    in_pool += 1
-                    bar.update(1)
-                pending = [r for r in pending if all(r is not d for d in done)]
-                # queries go to the pool only once it is up: a query queued to a pool still
-                # starting would wait there after this process had scored all the others
-                while up.ready() and front < back and len(pending) < 2 * (workers - 1):
-                    back -= 1
-                    pending.append(pool.apply_async(_worker_score, (back,)))
-                if front < back and MAIN_SCORES:
-                    scores[front], seconds[front] = one(front)
-                    front += 1
-                    bar.update(1)
-                elif pending:
-                    pending[0].wait(0.05)
-                else:
-                    up.wait(0.05)
-            pool.terminate()  # idle, or still starting up when this process scored everything
+        up = pool.submit(_worker_up)  # answered once a worker has initialised
+        broken = None
+        while front < back or pending:
+            for f in [f for f in pending if f.done()]:
+                qi = pending.pop(f)
+                try:
+                    _, scores[qi], seconds[qi] = f.result()
+                except BrokenProcessPool as e:
+                    broken, _ = e, rest.append(qi)
+                    continue
+                in_pool += 1
+                bar.update(1)
+            if broken is None and up.done() and up.exception() is not None:
+                broken = up.exception()
+            if broken is not None:
+                rest += list(pending.values())
+                pending.clear()
+                break
+            # queries go to the pool only once it is up: a query queued to a pool still
+            # starting would wait there after this process had scored all the others
+            while up.done() and front < back and len(pending) < 2 * (workers - 1):
+                back -= 1
+                pending[pool.submit(_worker_score, back)] = back
+            if front < back and MAIN_SCORES:
+                scores[front], seconds[front] = one(front)
+                front += 1
+                bar.update(1)
+            else:
+                wait(list(pending) or [up], timeout=0.05, return_when=FIRST_COMPLETED)
+        if broken is not None:
+            rest += list(range(front, back))
+            logger.warning("scoring pool broke (%s): %d queries scored in this process instead",
+                           repr(broken), len(rest))
+            for qi in sorted(rest):
+                scores[qi], seconds[qi] = one(qi)
+                bar.update(1)
     finally:
+        _stop_pool(pool)  # idle, or still starting up when this process scored everything
+        tmp.cleanup()
         one.close()
         cv2.setNumThreads(threads)
     logger.info("%d of %d queries scored in the pool", in_pool, n)
     return in_pool
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Shut the pool down without waiting for workers still importing torch."""
+    procs = dict(getattr(pool, "_processes", None) or {})  # the executor's own table (3.8-3.13)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs.values():
+        if p.is_alive():
+            p.terminate()
+    for p in procs.values():
+        p.join(5)
 
 
 def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out, resolve=lambda n: n,

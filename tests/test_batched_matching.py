@@ -209,3 +209,55 @@ def test_scoring_in_processes_equals_one_process(tmp_path, tiny_dataset, monkeyp
         np.testing.assert_array_equal(a["rerank_scores"][:], b["rerank_scores"][:])
         assert a["rerank_scores"][:].max() > 8  # real inlier counts, not all zeros
     assert len(t) == 4
+
+
+def test_a_dead_scoring_worker_does_not_hang_or_lose_queries(tmp_path, tiny_dataset, monkeypatch, caplog):
+    """A worker killed (as the OOM killer would) breaks the pool: this process scores the
+    queries the pool had, with a warning, and the scores are still the one-process ones."""
+    import logging
+    import multiprocessing as mp
+    import os
+    import signal
+    import threading
+    import time
+
+    import h5py
+
+    from pipeline import rerank as rr
+    from pipeline.datasets.index import index_dataset
+    from pipeline.io import write_json
+    from pipeline.local_store import extract_local
+    from pipeline.topk import write_topk
+
+    from .test_rerank import small_topk
+
+    index_dataset(tiny_dataset, tmp_path / "index")
+    write_topk(tmp_path / "topk.h5", small_topk(tmp_path / "index"))
+    names = rr.needed_images([(tmp_path / "topk.h5", 4)])
+    write_json(tmp_path / "feat.json", extract_local({"name": "sift", "max_keypoints": 500}, tiny_dataset, names,
+                                                     tmp_path / "local", device="cpu"))
+    rr.match_topk(tmp_path / "feat.json", {"name": "mnn"}, tmp_path / "topk.h5", 4, tmp_path / "m.h5", device="cpu")
+    scorer = {"name": "ransac", "threshold": 8, "max_iters": 500}
+    rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", scorer, tmp_path / "topk.h5", 4, tmp_path / "a.h5")
+    monkeypatch.setattr(rr, "MAIN_SCORES", False)  # every query goes to the pool, which dies
+    killed = []
+
+    def kill_worker():
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            for p in mp.active_children():
+                if p.pid:
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_worker, daemon=True)
+    killer.start()
+    with caplog.at_level(logging.INFO, logger="pipeline.rerank"):
+        rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", scorer, tmp_path / "topk.h5", 4,
+                      tmp_path / "b.h5", workers=2)
+    killer.join(5)
+    assert killed
+    assert "scoring pool broke" in caplog.text and "0 of 4 queries scored in the pool" in caplog.text
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        np.testing.assert_array_equal(a["rerank_scores"][:], b["rerank_scores"][:])
