@@ -21,6 +21,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,25 @@ def image_loader(root, names, resize, batch_size, num_workers, pin_memory=False,
     )
 
 
+#: ``autocast`` options of the extraction: the dtype the model's matrix products and
+#: convolutions run in (``None``: float32 throughout). Descriptors are stored as float32
+#: (or the store's ``dtype``) either way.
+AUTOCAST = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_context(autocast: str | None, device: torch.device):
+    """``torch.autocast`` for the ``autocast`` option on ``device`` (a no-op for float32)."""
+    if autocast not in AUTOCAST:
+        raise ValueError(f"extraction autocast must be one of {sorted(k for k in AUTOCAST if k)} or null, "
+                         f"not {autocast!r}")
+    dtype = AUTOCAST[autocast]
+    if dtype is None:
+        return nullcontext()
+    if device.type == "cpu" and dtype is torch.float16:
+        raise ValueError("extraction autocast float16 is for GPUs; on a CPU use bfloat16")
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def load_model(model_conf: dict, fit_state: str | Path | None, device: torch.device):
     model = build_model(model_conf)
     if model.needs_fit:
@@ -128,8 +148,9 @@ def load_model(model_conf: dict, fit_state: str | Path | None, device: torch.dev
 
 
 @torch.inference_mode()
-def describe_batch(model, batch: Batch, device):
-    """Start describing one loader batch's readable images.
+def describe_batch(model, batch: Batch, device, autocast: str | None = None):
+    """Start describing one loader batch's readable images (under ``autocast``, see
+    :data:`AUTOCAST`).
 
     Returns a callable giving the descriptors ``[len(batch.idx), D]`` as numpy. On a
     GPU the result is copied back asynchronously, so the next batch can be loaded
@@ -137,10 +158,12 @@ def describe_batch(model, batch: Batch, device):
     """
     if batch.images is None:
         return lambda: None
-    if isinstance(batch.images, torch.Tensor):
-        desc = model(to_float(batch.images.to(device, non_blocking=True)))
-    else:  # images of different sizes: one at a time
-        desc = torch.cat([model(to_float(t[None].to(device))) for t in batch.images])
+    with autocast_context(autocast, device):
+        if isinstance(batch.images, torch.Tensor):
+            desc = model(to_float(batch.images.to(device, non_blocking=True)))
+        else:  # images of different sizes: one at a time
+            desc = torch.cat([model(to_float(t[None].to(device))) for t in batch.images])
+    desc = desc.float()
     if device.type != "cuda":
         out = desc.float().numpy()
         return lambda: out
@@ -156,11 +179,11 @@ def describe_batch(model, batch: Batch, device):
     return collect
 
 
-def describe_stream(model, loader, device):
+def describe_stream(model, loader, device, autocast: str | None = None):
     """Yield ``(batch, descriptors)`` in order, one batch in flight ahead."""
     pending = None
     for batch in loader:
-        result = describe_batch(model, batch, device)
+        result = describe_batch(model, batch, device, autocast)
         if pending is not None:
             yield pending[0], pending[1]()
         pending = (batch, result)
@@ -180,9 +203,16 @@ def extract_global(
     device: str = "auto",
     dtype: str = "float32",
     meta: dict | None = None,
+    autocast: str | None = None,
 ) -> dict:
-    """Describe ``names`` (relative to ``root``) into the Zarr store ``out``."""
+    """Describe ``names`` (relative to ``root``) into the Zarr store ``out``.
+
+    ``autocast``: ``bfloat16`` / ``float16`` run the model under ``torch.autocast``
+    (faster on GPUs with tensor cores; recalls checked against float32 in
+    ``tests/test_extract_global_autocast.py`` and ``benchmarks/global_extraction.py``).
+    """
     out = Path(out)
+    autocast = None if autocast == "float32" else autocast
     batch_size = max(1, min(batch_size, chunk_size))
     if out.exists():
         logger.info("%s exists: nothing to do", out)
@@ -190,6 +220,7 @@ def extract_global(
     partial = out.with_name(out.name + ".partial")
     progress = out.with_name(out.name + ".progress")
     dev = pick_device(device)
+    autocast_context(autocast, dev)  # an unknown or unsupported option fails before any work
     model = load_model(model_conf, fit_state, dev)
     n, dim = len(names), model.dim
     n_chunks = max(1, -(-n // chunk_size))
@@ -198,6 +229,8 @@ def extract_global(
         "dtype": dtype, "names_hash": conf_hash(names),
         "fit_state_hash": _file_hash(fit_state) if fit_state else None,
     }
+    if autocast:  # float32 stores keep their signature (and resume) as before
+        signature["autocast"] = autocast
     group = open_partial_store(partial, progress, signature, n, dim, dtype, chunk_size)
     if "names" not in group:  # a partial store started before names were kept as an array
         write_names(group, names, max(chunk_size, 65536))
@@ -220,7 +253,7 @@ def extract_global(
     filled = 0
     t0 = time.time()
     bar = tqdm(total=len(todo_idx), desc=f"describe {out.name}", mininterval=2, unit="img")
-    for batch, desc in describe_stream(model, loader, dev):
+    for batch, desc in describe_stream(model, loader, dev, autocast):
         for j, err in batch.errors:
             errors[names[todo_idx[j]]] = err
             logger.warning("skipped (marked invalid): %s", err)
@@ -402,5 +435,5 @@ def run_extract(method_conf: dict, root, names, out, fit_state=None, meta=None):
         method_conf["model"], root, names, out, fit_state=fit_state,
         batch_size=ex.get("batch_size", 16), num_workers=ex.get("num_workers", 1),
         chunk_size=ex.get("chunk_size", 1024), device=ex.get("device", "auto"),
-        dtype=ex.get("dtype", "float32"), meta=meta,
+        dtype=ex.get("dtype", "float32"), meta=meta, autocast=ex.get("autocast"),
     )
