@@ -13,6 +13,7 @@ store), which a real shard of 100k images pays once.
     python benchmarks/global_extraction.py                    # CosPlace ResNet-50, random weights
     python benchmarks/global_extraction.py --model vlad_sift --n 64
     python benchmarks/global_extraction.py --device cuda --n 512 --batch-size 32
+    python benchmarks/global_extraction.py --device cuda --autocast bfloat16   # both timings under autocast
 
 The synthetic demo dataset is generated into a temporary folder unless --root is given.
 """
@@ -32,7 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.datasets.index import index_dataset, read_table  # noqa: E402
 from pipeline.datasets.synthetic import generate  # noqa: E402
-from pipeline.extract_global import extract_global, fit_global, load_model, pick_device  # noqa: E402
+from pipeline.extract_global import (  # noqa: E402
+    AUTOCAST,
+    autocast_context,
+    extract_global,
+    fit_global,
+    load_model,
+    pick_device,
+)
 from pipeline.images import load_uint8, to_float  # noqa: E402
 
 MODELS = {
@@ -53,6 +61,8 @@ def main():
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--autocast", choices=[k for k in AUTOCAST if k], default=None,
+                   help="run the model under torch.autocast in both timings (extraction.autocast)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -76,7 +86,7 @@ def main():
         cache = {n: load_uint8(root / n, conf.get("resize")) for n in set(names)}
         tensors = [cache[n] for n in names]
         batches = [torch.stack(tensors[i : i + a.batch_size]) for i in range(0, len(tensors), a.batch_size)]
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_context(a.autocast, dev):
             model(to_float(batches[0].to(dev)))  # warm-up
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -89,14 +99,14 @@ def main():
 
         t0 = time.perf_counter()
         attrs = extract_global(conf, root, names, tmp / "store.zarr", fit_state=fit, batch_size=a.batch_size,
-                               num_workers=a.num_workers, chunk_size=1024, device=a.device)
+                               num_workers=a.num_workers, chunk_size=1024, device=a.device, autocast=a.autocast)
         pipeline_s = time.perf_counter() - t0
         loop_s = attrs["seconds"]  # the extraction loop alone: without building the model and the store
 
     n = len(names)
     result = {
         "model": a.model, "device": str(dev), "images": n, "image_size": list(tensors[0].shape[1:]),
-        "batch_size": a.batch_size, "num_workers": a.num_workers, "torch_threads": torch.get_num_threads(),
+        "batch_size": a.batch_size, "autocast": a.autocast, "num_workers": a.num_workers, "torch_threads": torch.get_num_threads(),
         "forward_only_img_s": round(n / forward_s, 2),
         "pipeline_img_s": round(n / pipeline_s, 2),
         "pipeline_loop_img_s": round(n / loop_s, 2),
