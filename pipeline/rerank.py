@@ -95,8 +95,13 @@ def needed_images(topks: list[tuple[str | Path, int]], resolve=lambda n: n) -> l
 
 
 def _host_feats(d: dict) -> dict:
-    """A feature dict as CPU tensors (what the loader thread hands to the device)."""
+    """A feature dict as CPU tensors (what the loader thread hands to the device).
+
+    Matchers get the keypoints in the frame of the image the extractor described, the
+    frame of ``image_size`` (LightGlue and SuperGlue normalise positions by it): the
+    store's original-image keypoints are mapped back (:func:`described_keypoints`)."""
     out = {}
+    d = {**d, "keypoints": described_keypoints(d)}
     for key, value in d.items():
         if key == "original_size":
             continue

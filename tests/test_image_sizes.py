@@ -231,3 +231,44 @@ def test_image_input_matcher_positions_are_stored_in_original_pixels(tmp_path, t
     with pytest.raises(ValueError, match="frame 'model' needs index matches"):
         rr.score_topk(None, tmp_path / "m.h5", {"name": "ransac", "frame": "model"}, tmp_path / "topk.h5", 2,
                       tmp_path / "rr.h5")
+
+
+def test_learned_matchers_see_the_frame_the_model_described(tmp_path):
+    """LightGlue normalises positions by ``image_size``: from a store of photos described at
+    480 px (keypoints kept in the files' pixels), the match stage must hand it the model's
+    own positions, so it matches as on the extractor's output directly (the naive way)."""
+    import torch
+
+    from pipeline.images import load_tensor
+    from pipeline.local_features import build_model
+    from pipeline.matchers import build_matcher
+    from pipeline.rerank import _host_feats
+
+    from .conftest import WEIGHTS
+
+    pairs = PHOTO.parent
+    names = ["montmartre_close.jpg", "montmartre_far.jpg"]
+    ext = {"name": "aliked", "weights": str(need_shared(WEIGHTS / "aliked-n16.pth")), "max_keypoints": 512,
+           "resize_max": 480}
+    matcher = build_matcher({"name": "lightglue", "features": "aliked",
+                             "weights": str(need_shared(WEIGHTS / "aliked_lightglue.pth"))}).eval()
+    info = extract_local({**ext, "store": {"descriptors": "float32"}}, need_shared(pairs), names, tmp_path / "local",
+                         device="cpu")
+    (tmp_path / "feat.json").write_text(json.dumps(info))
+    store = FeatureStore(tmp_path / "feat.json")
+    stored = [_host_feats(store.get(n)) for n in names]
+    model = build_model(ext).eval()
+    direct = []
+    for n in names:
+        img = load_tensor(pairs / n, None, 480)
+        f = model(img)
+        f["image_size"] = torch.tensor([img.shape[2], img.shape[1]])
+        direct.append(f)
+    for s, d in zip(stored, direct):
+        assert s["keypoints"].max() <= 480 and tuple(s["image_size"].tolist()) == tuple(d["image_size"].tolist())
+        torch.testing.assert_close(s["keypoints"], d["keypoints"], rtol=0, atol=1e-3)
+    a, b = matcher(*stored), matcher(*direct)
+    assert len(a["matches"]) > 30
+    assert torch.equal(a["matches"], b["matches"])
+    torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-4)
+    store.close()
