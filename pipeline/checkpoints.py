@@ -5,14 +5,29 @@ Released checkpoints come as a plain state dict, wrapped in ``{'state_dict': ...
 ``module.`` prefixes. :func:`read_state_dict` finds the state dict and says which
 layout it found; :func:`load_into` checks it against the model (missing, unexpected
 and mis-shaped keys) before loading it strictly.
+
+Safety: a checkpoint is a pickle, and unpickling can run any code. Files are always read
+with ``torch.load(weights_only=True)``: tensors, containers, numbers and strings, plus the
+few other types official releases pickle beside their weights (:data:`SAFE_GLOBALS`:
+numpy scalars and dtypes of a ``best_score``, an ``argparse.Namespace`` of training
+arguments). A file that pickles anything else is refused with
+:class:`UnsafeCheckpointError` naming the file and the types, before anything in it runs.
+The only way past is ``trust: true`` in that model's conf (set through
+:func:`trusting` by the model registry), which loads the file with
+``weights_only=False`` and logs a warning.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import contextvars
 import logging
 import os
 import pickle
 from collections.abc import Callable, Mapping
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -28,15 +43,67 @@ def short(keys, n: int = 5) -> str:
     return ", ".join(map(str, keys[:n])) + more
 
 
-def read_file(path: str, what: str):
-    """``torch.load`` on the CPU; retries without ``weights_only`` for files that pickle more than tensors."""
+def _numpy_globals() -> list:
+    """numpy's scalar and dtype reconstructors (``np.float64(0.9)``, ``np.dtype('f8')``), as
+    numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) pickle them."""
+    out: list = [np.dtype, np.ndarray]
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            m = __import__(mod, fromlist=["scalar", "_reconstruct"])
+        except ImportError:
+            continue
+        out += [(m.scalar, f"{mod}.scalar"), (m._reconstruct, f"{mod}._reconstruct")]
+    out += [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")]
+    return out
+
+
+#: what an official checkpoint may pickle besides tensors, containers, numbers and strings
+#: (``torch.serialization.safe_globals``): numpy scalars, dtypes and arrays (of numbers:
+#: an object array's items go through the same allowlist) and argparse.Namespace
+SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
+
+_TRUST = contextvars.ContextVar("trust_checkpoints", default=False)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint pickles types outside :data:`SAFE_GLOBALS`; refused unless trusted."""
+
+
+@contextlib.contextmanager
+def trusting(trust: bool):
+    """Checkpoints read inside are loaded in full (``weights_only=False``) when ``trust`` is
+    true: a model conf's ``trust: true`` (the model registry sets this around building)."""
+    token = _TRUST.set(bool(trust))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # the file pickles more than tensors (e.g. an argparse.Namespace of a training run)
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint (legacy format): the error message has it
+        return []
+
+
+def read_file(path: str, what: str):
+    """``torch.load`` on the CPU, never unpickling more than :data:`SAFE_GLOBALS` unless the
+    model's conf says ``trust: true``."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path) or [str(err).split("GLOBAL ")[-1].split(" ")[0]]
+        if not _TRUST.get():
+            raise UnsafeCheckpointError(
+                f"{what} {path}: refused: it pickles {', '.join(unsafe)}, which loading could use to run code. "
+                "Official releases hold tensors only; if you know where this file comes from and trust it, "
+                "set 'trust: true' in this model's conf"
+            ) from None
         logger.warning(
-            "%s %s holds objects that weights_only=True refuses; retrying with weights_only=False "
-            "- only do this for files you trust", what, path,
+            "TRUSTED CHECKPOINT: %s %s pickles %s; loading it in full (weights_only=False) because the conf "
+            "says trust: true - this runs whatever code the file holds", what, path, ", ".join(unsafe),
         )
     except Exception as err:
         raise ValueError(f"{what} {path}: cannot be read: {err}") from err

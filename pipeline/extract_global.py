@@ -225,7 +225,7 @@ def extract_global(
     n, dim = len(names), model.dim
     n_chunks = max(1, -(-n // chunk_size))
     signature = {
-        "version": STORE_VERSION, "model": model_conf, "n": n, "dim": dim, "chunk_size": chunk_size,
+        "version": STORE_VERSION, "model": {k: v for k, v in model_conf.items() if k != "trust"}, "n": n, "dim": dim, "chunk_size": chunk_size,
         "dtype": dtype, "names_hash": conf_hash(names),
         "fit_state_hash": _file_hash(fit_state) if fit_state else None,
     }

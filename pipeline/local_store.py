@@ -107,7 +107,7 @@ def store_dir(base: str | Path, conf: dict) -> Path:
     full = model_conf_full(model_conf)
     if store["descriptors"] != STORE_DEFAULTS["descriptors"]:
         full = {**full, "store_descriptors": store["descriptors"]}
-    full = {**full, "keypoint_frame": KEYPOINT_FRAME}
+    full = {**{k: v for k, v in full.items() if k != "trust"}, "keypoint_frame": KEYPOINT_FRAME}
     return Path(base) / f"{model_conf['name']}-{conf_hash(full)}"
 
 

@@ -45,7 +45,7 @@ PART_PAIRS = 4096
 #: parts a reader keeps in memory
 MAX_PARTS = 8
 #: matcher conf entries that change how fast, not what, a matcher matches
-NOT_HASHED = ("batch_size",)
+NOT_HASHED = ("batch_size", "trust")
 
 
 def store_dir(base, matcher_conf: dict, features: str) -> Path:

@@ -18,6 +18,15 @@ class Registry:
         return getattr(importlib.import_module(module), cls)
 
     def build(self, conf: dict):
+        """The model of ``conf``; ``trust: true`` in it lets its checkpoint load in full
+        (:func:`pipeline.checkpoints.trusting`). Stores and hashes leave ``trust`` out: it
+        says how to read a file, not what the model computes."""
+        from .checkpoints import trusting
+
         if "name" not in conf:
             raise ValueError(f"{self.kind} conf {conf!r} has no 'name'")
-        return self.get(conf["name"])(conf)
+        trust = conf.get("trust", False)
+        if not isinstance(trust, bool):
+            raise ValueError(f"{self.kind} {conf['name']!r}: trust must be true or false, not {trust!r}")
+        with trusting(trust):
+            return self.get(conf["name"])(conf)

@@ -39,7 +39,9 @@ class GlobalModel(nn.Module):
     default_conf: dict[str, Any] = {}
     needs_fit: bool = False
     #: common options every model accepts (used by the data loader)
-    base_conf: dict[str, Any] = {"name": None, "resize": None}
+    #: ``trust``: load the checkpoint in full even if it pickles more than weights
+    #: (:mod:`pipeline.checkpoints`); not part of any store's hash
+    base_conf: dict[str, Any] = {"name": None, "resize": None, "trust": False}
 
     def __init__(self, conf: dict | None = None):
         super().__init__()

@@ -39,7 +39,8 @@ class LocalModel(nn.Module):
     #: enlarged; :func:`pipeline.images.target_size`): what the loader feeds the model. Each
     #: extractor sets its own documented default (README, "Image sizes"); keypoints are
     #: stored in the original image's pixels whatever the size.
-    base_conf: dict[str, Any] = {"name": None, "max_keypoints": 1024, "resize": None, "resize_max": None}
+    base_conf: dict[str, Any] = {"name": None, "max_keypoints": 1024, "resize": None, "resize_max": None,
+                                 "trust": False}  # trust: see pipeline.checkpoints; not hashed
 
     #: the conf key of a size bound the model applies itself (upstream's own resizing, e.g.
     #: D2-Net's ``max_edge``), for models whose default ``resize_max`` is None

@@ -70,7 +70,9 @@ class Matcher(nn.Module):
 
     default_conf: dict[str, Any] = {}
     #: ``batch_size``: pairs per batch of :meth:`match_block` (``auto``: from the free memory)
-    base_conf: dict[str, Any] = {"name": None, "batch_size": "auto"}
+    #: ``trust``: load the checkpoint in full even if it pickles more than weights
+    #: (:mod:`pipeline.checkpoints`); not part of the match store's hash
+    base_conf: dict[str, Any] = {"name": None, "batch_size": "auto", "trust": False}
     #: "features" (feature dicts of an extractor) or "images"
     inputs = "features"
     #: what forward returns: "matches", "points" or "pair_score"
