@@ -1,5 +1,6 @@
 """Recall@N of top-k lists: a query is correct at N when one of its first N
-candidates lies within ``threshold`` metres (UTM) of it.
+candidates lies within ``threshold`` metres of it (:mod:`pipeline.geodesy`: UTM within
+a zone, as the VG benchmarks measure, and the geodesic across zones and hemispheres).
 
 Positions are read from the VG benchmark names of the queries and candidates, so
 any top-k file, ours or imported, is evaluated the same way without the images.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets.geo import common_zone_positions
+from . import geodesy
 from .datasets.names import BadNameError, Position, parse_name
 from .io import atomic_path
 from .topk import TopK, read_topk
@@ -54,28 +55,18 @@ def _position(name, lookup):
         raise BadNameError(f"{e} (and it is not in the dataset's index tables)") from None
 
 
-def _positions(names, lookup=None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+def _positions(names, lookup=None) -> geodesy.Positions:
     pos = [_position(n, lookup) for n in names]
-    return (
-        np.array([[p.east, p.north] for p in pos], dtype=np.float64).reshape(-1, 2),
-        [p.zone_id for p in pos],
-        np.array([p.lat for p in pos], dtype=np.float64),
-        np.array([p.lon for p in pos], dtype=np.float64),
-    )
+    return geodesy.from_utm([p.east for p in pos], [p.north for p in pos], [p.zone_id for p in pos],
+                            [p.lat for p in pos], [p.lon for p in pos])
 
 
 def candidate_distances(topk: TopK, positions: dict | None = None) -> np.ndarray:
-    """``[Q, k]`` metres between each query and each of its candidates."""
-    q_xy, q_zone, q_lat, q_lon = _positions(topk.query_names, positions)
-    c_xy, c_zone, c_lat, c_lon = _positions(topk.candidate_names.ravel(), positions)
-    xy, _ = common_zone_positions(
-        np.concatenate([q_xy[:, 0], c_xy[:, 0]]), np.concatenate([q_xy[:, 1], c_xy[:, 1]]),
-        q_zone + c_zone, np.concatenate([q_lat, c_lat]), np.concatenate([q_lon, c_lon]),
-        what="queries and candidates",
-    )
-    q = xy[: len(q_xy)]
-    c = xy[len(q_xy) :].reshape(len(q_xy), topk.k, 2)
-    return np.linalg.norm(c - q[:, None, :], axis=2)
+    """``[Q, k]`` metres between each query and each of its candidates (:func:`geodesy.distance`)."""
+    q = _positions(topk.query_names, positions)
+    c = _positions(topk.candidate_names.ravel(), positions)
+    rows = np.repeat(np.arange(len(topk)), topk.k)
+    return geodesy.distance(q.take(rows), c).reshape(len(topk), topk.k)
 
 
 def recall_at_n(correct: np.ndarray, ns=DEFAULT_NS) -> dict[int, float]:

@@ -63,8 +63,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 import pandas as pd
-import utm
 
+from .. import geodesy
 from ..datasets.index import read_table
 from ..io import atomic_path
 
@@ -382,6 +382,10 @@ class Relabeller:
         self.db, self.zone = db, zone
         self._zone_number, self._zone_letter = int(zone[:-1]), zone[-1].upper()
         self._db_xy = db[["east", "north"]].to_numpy(np.float64)
+        # distances by pipeline.geodesy (right across zones); the table's east/north are in
+        # its common zone, lat/lon place the images of other zones
+        self._db_pos = geodesy.from_utm(self._db_xy[:, 0], self._db_xy[:, 1], [zone] * len(db),
+                                        db.lat.to_numpy(np.float64), db.lon.to_numpy(np.float64))
         self._db_index = {n: i for i, n in enumerate(db.name)}
         self.n_candidates, self.confirm_m = int(n_candidates), float(confirm_m)
         self.dir = Path(build_dir) / "relabel"
@@ -404,16 +408,13 @@ class Relabeller:
                     self.log_path)
 
     # positions ---------------------------------------------------------------------
-    def _utm(self, lat: float, lon: float) -> np.ndarray:
-        e, n, _, _ = utm.from_latlon(lat, lon, force_zone_number=self._zone_number,
-                                     force_zone_letter=self._zone_letter)
-        return np.array([e, n], np.float64)
-
     def distances(self, lat: float, lon: float) -> np.ndarray | None:
-        """UTM distance (m) from ``lat, lon`` to every database image (None without a position)."""
+        """Metres (:mod:`pipeline.geodesy`) from ``lat, lon`` to every database image (None
+        without a position)."""
         if not (np.isfinite(lat) and np.isfinite(lon)):
             return None
-        return np.linalg.norm(self._db_xy - self._utm(lat, lon)[None], axis=1)
+        q = geodesy.from_latlon([lat], [lon])
+        return geodesy.distance(q.take(np.zeros(len(self._db_pos), np.int64)), self._db_pos)
 
     def candidates(self, lat: float, lon: float, k: int) -> list[dict]:
         d = self.distances(lat, lon)
@@ -501,7 +502,8 @@ class Relabeller:
                 raise DecisionError(f"action {action!r} not one of pick, enter, skip, reject")
             moved = None
             if status in ("moved", "entered") and np.isfinite(old_lat) and np.isfinite(old_lon):
-                moved = round(float(np.linalg.norm(self._utm(new_lat, new_lon) - self._utm(old_lat, old_lon))), 2)
+                a, b = geodesy.from_latlon([new_lat], [new_lon]), geodesy.from_latlon([old_lat], [old_lon])
+                moved = round(float(geodesy.distance(a, b)[0]), 2)
             entry = {"timestamp": _utc_now(), "photo_id": pid, "action": status,
                      "old_lat": _num(old_lat), "old_lon": _num(old_lon),
                      "new_lat": _num(new_lat), "new_lon": _num(new_lon), "db_name": db_name, "moved_m": moved}

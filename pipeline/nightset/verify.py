@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import utm
 
+from .. import geodesy
 from ..datasets.index import read_table
 from ..datasets.names import format_name
 from ..io import atomic_path, read_json, write_json
@@ -51,22 +52,19 @@ def _read_csv(path, required) -> pd.DataFrame:
 
 
 def nearest_database(lat, lon, db: pd.DataFrame, zone: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per query position: UTM ``[Q, 2]`` in the database's zone, index of the nearest
-    database image and its distance in metres (a grid of ``cell`` m keeps it linear)."""
+    """Per query position: UTM ``[Q, 2]`` in the database's zone (what the verified names
+    carry, like the database's), index of the nearest database image and its distance in
+    metres (:mod:`pipeline.geodesy`: right across zones, unlike UTM forced into one)."""
     number, letter = int(zone[:-1]), zone[-1]
     q = np.array([utm.from_latlon(a, b, force_zone_number=number, force_zone_letter=letter)[:2]
                   for a, b in zip(lat, lon)], dtype=np.float64).reshape(-1, 2)
-    d_xy = db[["east", "north"]].to_numpy(np.float64)
-    if not len(d_xy):
-        return q, np.full(len(q), -1), np.full(len(q), np.inf)
-    # exact nearest neighbour in chunks (memory bounded; the database of one area is small
-    # next to SF-XL, and the pipeline's FAISS index is not needed here)
-    idx = np.empty(len(q), np.int64)
-    dist = np.empty(len(q))
-    for s in range(0, len(q), 256):
-        d = np.linalg.norm(q[s:s + 256, None, :] - d_xy[None, :, :], axis=2)
-        idx[s:s + 256] = d.argmin(1)
-        dist[s:s + 256] = d[np.arange(len(d)), idx[s:s + 256]]
+    if not len(q):
+        return q, np.zeros(0, np.int64), np.zeros(0)
+    queries = geodesy.from_latlon(lat, lon)
+    # the index table's east/north are in its common zone; lat/lon place the others
+    database = geodesy.from_utm(db.east.to_numpy(np.float64), db.north.to_numpy(np.float64), [zone] * len(db),
+                                db.lat.to_numpy(np.float64), db.lon.to_numpy(np.float64))
+    idx, dist = geodesy.nearest(queries, database)  # exact, in chunks (memory bounded)
     return q, idx, dist
 
 
