@@ -36,7 +36,6 @@ import torch
 from tqdm import tqdm
 
 from .extract_global import pick_device
-from .io import atomic_path
 from .local_store import FeatureStore, described_keypoints, writer_token
 from .match_store import MatchView, PartWriter, scan, store_dir, write_view
 from .matchers import build_matcher
