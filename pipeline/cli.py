@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="skip (and list) images with more pixels than this (default 100,000,000; config max_pixels)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synthetic", help="generate the built-in synthetic dataset")
@@ -420,6 +422,10 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
+        if a.max_pixels is not None:
+            from .images import set_max_pixels
+
+            set_max_pixels(a.max_pixels)
         a.func(a)
     except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
         logging.getLogger("pipeline").error("%s", e)

@@ -1,25 +1,89 @@
-"""Reading images for the models: strict decoding and resizing."""
+"""Reading images for the models: strict decoding and resizing.
+
+Every stage reads images through :func:`read_image` (and the index stage checks them
+with :func:`image_size`): an image with more than :func:`max_pixels` pixels (from its
+header, before anything is decoded) is refused as too large, PIL's decompression-bomb
+guard included, so one hostile or giant file is skipped and listed instead of taking
+the machine's memory. The limit is the config's ``max_pixels`` (the CLI's
+``--max-pixels``, passed to worker processes as ``VG_MAX_PIXELS``); PIL's own guard
+against decompression bombs (179 megapixels) applies on top.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+#: the default limit: 100 megapixels, above any camera's photo (a 14000 x 13000 JPEG is 182)
+DEFAULT_MAX_PIXELS = 100_000_000
+ENV_MAX_PIXELS = "VG_MAX_PIXELS"
+
 
 class ImageReadError(OSError):
-    """An image file that cannot be decoded (missing, corrupt, truncated)."""
+    """An image file that cannot be decoded (missing, corrupt, truncated, too large)."""
+
+
+def max_pixels() -> int:
+    """The pixel limit: ``VG_MAX_PIXELS`` if set, else :data:`DEFAULT_MAX_PIXELS`."""
+    value = os.environ.get(ENV_MAX_PIXELS)
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{ENV_MAX_PIXELS}={value!r} is not a whole number of pixels") from None
+    if n < 1:
+        raise ValueError(f"{ENV_MAX_PIXELS}={value!r} must be positive")
+    return n
+
+
+def set_max_pixels(n: int) -> None:
+    """Set the limit for this process and the processes it starts."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"max_pixels must be a positive integer, not {n!r}")
+    os.environ[ENV_MAX_PIXELS] = str(n)
+
+
+def _open_checked(path) -> Image.Image:
+    """``Image.open`` (header only) refusing images over the pixel limit."""
+    limit = max_pixels()
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError as e:  # PIL's own guard (179 MP) applies as well
+        raise ImageReadError(f"{path}: image too large, a decompression bomb ({e}); not decoded") from None
+    w, h = im.size
+    if w * h > limit:
+        im.close()
+        raise ImageReadError(f"{path}: image too large ({w} x {h} = {w * h:,} pixels, more than max_pixels "
+                             f"{limit:,}); not decoded")
+    return im
+
+
+def image_size(path: str | Path) -> tuple[int, int, str | None]:
+    """``(width, height, format)`` from the header; ImageReadError naming the file if it
+    is not an image or is over the pixel limit."""
+    try:
+        with _open_checked(path) as im:
+            return im.size[0], im.size[1], im.format
+    except ImageReadError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{path}: unreadable image ({e})") from None
 
 
 def read_image(path: str | Path) -> np.ndarray:
     """Read an RGB image as ``uint8 [H, W, 3]``; raise ImageReadError naming the file."""
     try:
-        with Image.open(path) as im:
+        with _open_checked(path) as im:
             im.load()  # decodes fully: a truncated file raises here
             return np.array(im.convert("RGB"))  # a writable copy
-    except (OSError, ValueError, SyntaxError) as e:
+    except ImageReadError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"{path}: cannot read image ({e})") from None
 
 

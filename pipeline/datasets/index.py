@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
+from ..images import ImageReadError, image_size
 from ..io import atomic_path, write_json
 from .geo import common_zone_positions
 from .names import BadNameError, Position, is_image_file, parse_name
@@ -68,9 +68,10 @@ def check_image(path: Path) -> tuple[int, int] | str:
         size = path.stat().st_size
         if size == 0:
             return "empty file"
-        with Image.open(path) as im:
-            width, height = im.size
-            fmt = im.format
+        try:
+            width, height, fmt = image_size(path)
+        except ImageReadError as e:  # not an image, or over max_pixels (a decompression bomb)
+            return str(e).removeprefix(f"{path}: ")
         if fmt == "JPEG":
             with open(path, "rb") as f:
                 f.seek(max(size - 64, 0))

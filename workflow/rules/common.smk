@@ -17,7 +17,8 @@ RESULTS = config["results_dir"]
 DATASETS = config["datasets"]
 GMETHODS = config["global_methods"]
 # every rule runs the package's CLI, with the workflow folder on the path
-PY = f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} python -m pipeline"
+PY = (f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} python -m pipeline"
+      f" --max-pixels {int(config['max_pixels'])}")
 CONDA_ENV = "../../" + config["conda_env"]
 GPUS = config["gpus_per_job"]  # the `gpu` resource of the GPU-capable rules
 
