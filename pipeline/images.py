@@ -7,6 +7,14 @@ guard included, so one hostile or giant file is skipped and listed instead of ta
 the machine's memory. The limit is the config's ``max_pixels`` (the CLI's
 ``--max-pixels``, passed to worker processes as ``VG_MAX_PIXELS``); PIL's own guard
 against decompression bombs (179 megapixels) applies on top.
+
+EXIF orientation: images are used as they are meant to be seen. A photo whose EXIF
+``Orientation`` tag says it is stored rotated or mirrored (phone photos, Flickr copies)
+is turned upright on reading (``ImageOps.exif_transpose``), and every size this package
+reports (the index's width/height, the feature store's ``original_size``) is the upright
+one, so keypoints are in the upright image's pixels. The VG benchmarks' images carry no
+orientation tag: nothing changes for them. (OpenCV's ``imread``, used by the reports,
+applies the tag too.)
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 #: the default limit: 100 megapixels, above any camera's photo (a 14000 x 13000 JPEG is 182)
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -63,12 +71,26 @@ def _open_checked(path) -> Image.Image:
     return im
 
 
+#: EXIF Orientation values that store the image transposed (width and height swapped)
+TRANSPOSED = (5, 6, 7, 8)
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """An opened image's ``(width, height)`` after its EXIF orientation is applied."""
+    w, h = im.size
+    try:
+        orientation = im.getexif().get(0x0112)
+    except Exception:  # a damaged EXIF block: PIL's exif_transpose ignores it too
+        orientation = None
+    return (h, w) if orientation in TRANSPOSED else (w, h)
+
+
 def image_size(path: str | Path) -> tuple[int, int, str | None]:
-    """``(width, height, format)`` from the header; ImageReadError naming the file if it
-    is not an image or is over the pixel limit."""
+    """``(width, height, format)`` from the header, upright (EXIF orientation applied);
+    ImageReadError naming the file if it is not an image or is over the pixel limit."""
     try:
         with _open_checked(path) as im:
-            return im.size[0], im.size[1], im.format
+            return (*upright_size(im), im.format)
     except ImageReadError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -80,6 +102,7 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with _open_checked(path) as im:
             im.load()  # decodes fully: a truncated file raises here
+            im = ImageOps.exif_transpose(im)  # upright, as the photo is meant to be seen
             return np.array(im.convert("RGB"))  # a writable copy
     except ImageReadError:
         raise

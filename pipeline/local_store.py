@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from .extract_global import conf_hash, image_loader, pick_device
 from .global_features.base import merge_conf
-from .images import to_described_frame, to_float, to_original_frame
+from .images import image_size, to_described_frame, to_float, to_original_frame
 from .io import atomic_path, write_json
 from .local_features import build_model, get_model_class
 
@@ -282,10 +282,10 @@ def _resolved(item):
 
 
 def _original_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size
+    """The image file's upright ``(width, height)`` (EXIF orientation applied, as
+    :func:`pipeline.images.read_image` reads it)."""
+    width, height, _ = image_size(path)
+    return width, height
 
 
 def described_keypoints(feats: dict) -> np.ndarray:

@@ -426,10 +426,11 @@ def ransac_inliers(kq, kc, matches, conf: dict, q: dict | None = None, c: dict |
 
 
 def _image_size(path) -> tuple[int, int] | None:
+    from ..images import ImageReadError, image_size
+
     try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, SyntaxError):
+        return image_size(path)[:2]  # upright, as the images are read
+    except ImageReadError:
         return None
 
 
