@@ -98,3 +98,33 @@ def test_schema_names_every_registered_model():
     props = _yaml.safe_load(SCHEMA.read_text())["properties"]
     for section, registry in (("local_features", LOCAL), ("matchers", MATCHERS), ("scorers", SCORERS)):
         assert set(props[section]["additionalProperties"]["properties"]["name"]["enum"]) == set(registry), section
+
+
+@pytest.mark.parametrize(
+    "section, name, option, value, message",
+    [
+        ("local_features", "sift", "max_keypoints", -10, "local_features.sift.max_keypoints is -10: must be a whole number >= 1, or -1 / null"),
+        ("local_features", "sift", "max_keypoints", 2.5, "must be a whole number >= 1"),
+        ("local_features", "sift", "resize_max", 0, "must be null or a whole number >= 1"),
+        ("scorers", "ransac", "threshold", -24, "scorers.ransac.threshold is -24: must be a number > 0"),
+        ("scorers", "ransac", "max_iters", 0, "scorers.ransac.max_iters is 0: must be a whole number >= 1"),
+        ("scorers", "ransac", "confidence", 1.5, "must be a probability in (0, 1]"),
+        ("matchers", "mnn_ratio", "ratio", 0, "must be in (0, 1] or null"),
+    ],
+)
+def test_model_options_have_types_and_ranges(section, name, option, value, message):
+    """Counts, sizes and thresholds of every model/matcher/scorer conf are checked up front
+    (max_keypoints -10 kept all but 10 keypoints; a negative RANSAC threshold scored nothing)."""
+    with pytest.raises(ConfigError) as e:
+        validated(lambda c: c[section][name].update({option: value}))
+    assert message in str(e.value)
+    # and when a model is built directly
+    from pipeline.local_features import build_model
+    from pipeline.scorers import build_scorer
+
+    if section == "local_features":
+        with pytest.raises(ValueError, match=option):
+            build_model({"name": "sift", option: value})
+    if section == "scorers":
+        with pytest.raises(ValueError, match=option):
+            build_scorer({"name": "ransac", option: value})

@@ -24,6 +24,9 @@ def merge_conf(default: dict, conf: dict | None, where: str) -> dict:
             out[key] = merge_conf(out[key], value, f"{where}.{key}")
         else:
             out[key] = value
+    from ..conf_checks import check_values
+
+    check_values(out, where)
     return out
 
 
