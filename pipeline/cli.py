@@ -90,7 +90,8 @@ def cmd_results(a):
 
     topk = read_topk(a.topk)
     positions = index_positions(a.index_dir) if a.index_dir else None
-    row = {"dataset": a.dataset, "method": a.method, **evaluate_topk(topk, a.threshold, a.ns, positions)}
+    summary = _index_summary(a)
+    row = {"dataset": a.dataset, "method": a.method, **evaluate_topk(topk, a.threshold, a.ns, positions, summary)}
     # provenance: what produced these numbers
     row["index"] = topk.meta.get("index", "")
     model = a.conf.get("model", {})
@@ -100,6 +101,13 @@ def cmd_results(a):
     row["imported_from"] = topk.meta.get("imported_from", "")
     write_results(a.out, [row])
     print(format_table([row], a.ns))
+
+
+def _index_summary(a) -> dict | None:
+    """The dataset's index summary.json (``--index-summary``), for the query counts."""
+    from .io import read_json
+
+    return read_json(a.index_summary) if getattr(a, "index_summary", None) else None
 
 
 def _topk_k(s: str) -> tuple[str, int]:
@@ -113,6 +121,33 @@ def _resolver(a):
     from .rerank import NameResolver
 
     return NameResolver(a.root, a.index_dir) if a.root else (lambda n: n)
+
+
+def cmd_check_weights(a):
+    """Build the model of a conf on the CPU (its loader checks the checkpoint's keys and
+    shapes, and refuses unsafe pickles) and write a stamp; fails naming the entry and file."""
+    import time
+
+    from .io import write_json
+    from .random_weights import weight_paths
+
+    if a.kind == "local":
+        from .local_store import split_conf
+        from .local_features import build_model
+
+        conf, _ = split_conf(a.conf)
+    else:
+        from .matchers import build_matcher as build_model
+
+        conf = a.conf
+    paths = weight_paths(conf)
+    t0 = time.perf_counter()
+    try:
+        build_model(conf)
+    except Exception as e:
+        raise ValueError(f"{a.what}: its weights ({', '.join(paths) or 'none'}) do not load: {e}") from None
+    logging.getLogger("pipeline").info("%s: weights %s load (%.1f s)", a.what, paths, time.perf_counter() - t0)
+    write_json(a.out, {"what": a.what, "conf": a.conf, "weights": paths, "seconds": time.perf_counter() - t0})
 
 
 def cmd_extract_local(a):
@@ -151,10 +186,13 @@ def cmd_rerank_results(a):
     common = {"dataset": a.dataset, "threshold_m": a.threshold}
     match_s, score_s = meta["seconds_per_query_matching"], meta["seconds_per_query_scoring"]
     extract_s = meta.get("seconds_per_query_extraction") or 0.0
+    summary = _index_summary(a)
     rows = [
-        {"method": meta.get("retrieval", "retrieval"), **common, **evaluate_topk(base, a.threshold, a.ns),
+        {"method": meta.get("retrieval", "retrieval"), **common, **evaluate_topk(base, a.threshold, a.ns,
+                                                                                 index_summary=summary),
          "rerank_k": 0, "rerank_s_per_query": 0.0},
-        {"method": a.method, **common, **evaluate_topk(rr, a.threshold, a.ns), "rerank_k": meta["rerank_k"],
+        {"method": a.method, **common, **evaluate_topk(rr, a.threshold, a.ns, index_summary=summary),
+         "rerank_k": meta["rerank_k"],
          "rerank_s_per_query": extract_s + match_s + score_s, "extract_s_per_query": extract_s,
          "match_s_per_query": match_s, "score_s_per_query": score_s,
          "weights": weights_label(a.conf),
@@ -300,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=None)
     s.set_defaults(func=cmd_import_topk)
 
+    s = sub.add_parser("check-weights", help="load a model's weights once (keys, shapes, safety) before any job")
+    s.add_argument("--kind", choices=("local", "matcher"), required=True)
+    s.add_argument("--conf", type=_json, required=True, help="the model's conf (JSON)")
+    s.add_argument("--what", required=True, help="the config entry, for messages (e.g. local_features.d2net)")
+    s.add_argument("--out", required=True, help="stamp (JSON) written when the weights load")
+    s.set_defaults(func=cmd_check_weights)
+
     s = sub.add_parser("extract-local", help="local features of the queries and their top-K candidates")
     s.add_argument("--conf", type=_json, required=True, help="extractor conf (JSON)")
     s.add_argument("--root", required=True)
@@ -341,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retrieval", required=True, help="the retrieval top-k file")
     s.add_argument("--reranked", required=True, help="the re-ranked top-k file")
     _add_result_args(s)
+    s.add_argument("--index-summary", default=None, help="the dataset's index summary.json (query counts)")
     s.set_defaults(func=cmd_rerank_results)
 
     s = sub.add_parser("random-weights", help="a seeded random checkpoint in a model's official format (labelled)")
@@ -398,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--topk", required=True)
     _add_result_args(s)
     s.add_argument("--index-dir", default=None, help="the dataset's index tables, for names without positions")
+    s.add_argument("--index-summary", default=None, help="the dataset's index summary.json (query counts)")
     s.set_defaults(func=cmd_results)
     return p
 
@@ -419,6 +466,9 @@ def main(argv=None) -> int:
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    from .redact import install
+
+    install()  # secrets (api_key=..., tokens) are redacted from every log line, third-party ones too
     if a.threads:
         torch.set_num_threads(a.threads)
     try:

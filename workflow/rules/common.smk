@@ -26,6 +26,7 @@ GPUS = config["gpus_per_job"]  # the `gpu` resource of the GPU-capable rules
 # trivial jobs run where snakemake runs, never as cluster jobs
 localrules:
     stamp,
+    check_weights,
     results,
     rerank_results,
     dataset_summary,

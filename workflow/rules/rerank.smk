@@ -59,12 +59,44 @@ def resolver_args(wildcards):
     return f"--root {shlex.quote(DATASETS[wildcards.dataset]['root'])} --index-dir {shlex.quote(f'{WORK}/{wildcards.dataset}/index')}"
 
 
+def weights_check(kind, name):
+    """The stamp of check_weights for a local-features or matcher entry with weight files."""
+    conf = (LOCAL if kind == "local" else MATCHERS)[name]
+    from pipeline.random_weights import weight_paths
+
+    return [f"{WORK}/checks/weights/{kind}/{name}.json"] if weight_paths(conf) else []
+
+
+rule check_weights:
+    """Load a model's weights once (keys, shapes, pickle safety), first of all jobs
+    (priority): a wrong or missing file fails the run in seconds, naming the entry and
+    the file, not after hours of retrieval."""
+    input:
+        weights=lambda w: random_weights((LOCAL if w.kind == "local" else MATCHERS)[w.name]),
+    output:
+        f"{WORK}/checks/weights/{{kind}}/{{name}}.json",
+    wildcard_constraints:
+        kind="local|matcher",
+    params:
+        conf=lambda w: json.dumps((LOCAL if w.kind == "local" else MATCHERS)[w.name], sort_keys=True),
+        what=lambda w: f"{'local_features' if w.kind == 'local' else 'matchers'}.{w.name}",
+    priority: 100
+    log:
+        f"{WORK}/logs/check_weights_{{kind}}_{{name}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} check-weights --kind {wildcards.kind} --conf {params.conf:q} --what {params.what:q} --out {output:q}"
+        " 2> {log:q}"
+
+
 rule extract_local:
     """Local features of the queries and the union of their top-K candidates (each image once)."""
     input:
         topk=lambda w: [p for p, _ in features_users(w.dataset, w.features)],
         index=f"{WORK}/{{dataset}}/index/summary.json",
         weights=lambda w: random_weights(LOCAL[w.features]),
+        checked=lambda w: [ancient(p) for p in weights_check("local", w.features)],  # order only, not mtime
     output:
         f"{WORK}/{{dataset}}/local/{{features}}.json",
     wildcard_constraints:
@@ -95,6 +127,7 @@ def match_inputs(w):
     return {
         **named_with_stamp(f"{WORK}/{w.dataset}/matches/{w.retrieval}/{w.features}+{w.matcher}.h5", named),
         "weights": random_weights(MATCHERS[w.matcher]),
+        "checked": [ancient(p) for p in weights_check("matcher", w.matcher)],  # order only, not mtime
     }
 
 
@@ -170,10 +203,10 @@ rule score:
 
 
 def rerank_results_inputs(w):
-    return named_with_stamp(f"{RESULTS}/{w.dataset}/{w.method}.csv", {
+    return {**named_with_stamp(f"{RESULTS}/{w.dataset}/{w.method}.csv", {
         "reranked": f"{WORK}/{w.dataset}/rerank/{w.method}.h5",
         "retrieval": topk_file(w.dataset, RERANK[w.method]["retrieval"]),
-    })
+    }), "summary": index_summary(w.dataset)}
 
 
 rule rerank_results:
@@ -193,6 +226,7 @@ rule rerank_results:
             "matcher": MATCHERS[RERANK[w.method]["matcher"]],
             "scorer": config["scorers"][RERANK[w.method]["scorer"]],
         }, sort_keys=True),
+        summary=lambda w, input: f"--index-summary {shlex.quote(input.summary[0])}" if input.summary else "",
     log:
         f"{WORK}/logs/rerank_results_{{dataset}}_{{method}}.log",
     conda:
@@ -200,7 +234,7 @@ rule rerank_results:
     shell:
         "{PY} rerank-results --retrieval {input.retrieval:q} --reranked {input.reranked:q} --out {output:q}"
         " --dataset {wildcards.dataset} --method {wildcards.method} --conf {params.conf:q}"
-        " --threshold {params.threshold} --ns {params.ns} 2> {log:q}"
+        " --threshold {params.threshold} --ns {params.ns} {params.summary} 2> {log:q}"
 
 
 rule random_weights:
