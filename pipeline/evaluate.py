@@ -81,19 +81,36 @@ def recall_at_n(correct: np.ndarray, ns=DEFAULT_NS) -> dict[int, float]:
     return {n: (100.0 * float(np.mean(first < n)) if n <= correct.shape[1] else math.nan) for n in ns}
 
 
-def evaluate_topk(topk: TopK | str | Path, threshold: float = 25.0, ns=DEFAULT_NS, positions=None) -> dict:
-    """Recalls of one top-k list (a :class:`TopK` or a path to one)."""
+def evaluate_topk(topk: TopK | str | Path, threshold: float = 25.0, ns=DEFAULT_NS, positions=None,
+                  index_summary: dict | None = None) -> dict:
+    """Recalls of one top-k list (a :class:`TopK` or a path to one).
+
+    ``R@N`` is over the evaluated queries (those with a top-k list). With the dataset's
+    index ``summary.json`` (``index_summary``), the row also says how many query files
+    were found, indexed (the others are in ``skipped.csv``), extracted and evaluated, and
+    ``R@N_all_found`` counts every query left out on the way as a miss.
+    """
     if not isinstance(topk, TopK):
         topk = read_topk(topk)
     correct = candidate_distances(topk, positions) <= threshold
     rec = recall_at_n(correct, ns)
-    return {
+    skipped = len(topk.meta.get("skipped_queries", []))
+    row = {
         **{f"R@{n}": rec[n] for n in ns},
         "n_queries": len(topk),
-        "n_skipped_queries": len(topk.meta.get("skipped_queries", [])),
+        "n_skipped_queries": skipped,
         "threshold_m": threshold,
         "k": topk.k,
     }
+    if index_summary is not None:
+        indexed = int(index_summary["counts"]["queries"])
+        found = indexed + int(index_summary.get("skipped", {}).get("queries", 0))
+        extracted = indexed - skipped
+        row.update({"n_queries_found": found, "n_queries_indexed": indexed, "n_queries_extracted": extracted,
+                    "n_queries_evaluated": len(topk), "n_queries_left_out": found - len(topk)})
+        for n in ns:  # every query left out (at index or extraction) is a miss
+            row[f"R@{n}_all_found"] = rec[n] * len(topk) / found if found else math.nan
+    return row
 
 
 def format_table(rows: list[dict], ns=DEFAULT_NS) -> str:

@@ -94,3 +94,18 @@ def test_import_rejects_bad_files(tmp_path):
 def test_topk_shape_checks():
     with pytest.raises(TopKFormatError):
         TopK(["a", "b"], [["x"]], [[0]], [[0.0]])
+
+
+def test_left_out_queries_are_counted_and_can_count_as_misses():
+    """22 query files: 6 left out at the index (skipped.csv), 1 at extraction (no descriptor),
+    15 evaluated. R@N stays over the 15; R@N_all_found counts the 7 as misses."""
+    names = [vg_name(550000.0 + 100 * i, 4180000.0) for i in range(15)]
+    cands = [[vg_name(550000.0 + 100 * i + (5 if i < 12 else 60), 4180000.0)] for i in range(15)]
+    topk = TopK(names, cands, np.zeros((15, 1)), np.zeros((15, 1)), {"skipped_queries": ["q_dark.jpg"]})
+    summary = {"counts": {"database": 100, "queries": 16}, "skipped": {"database": 0, "queries": 6}}
+    r = evaluate_topk(topk, 25.0, (1,), index_summary=summary)
+    assert r["R@1"] == pytest.approx(100 * 12 / 15)
+    assert (r["n_queries_found"], r["n_queries_indexed"], r["n_queries_extracted"], r["n_queries_evaluated"],
+            r["n_queries_left_out"]) == (22, 16, 15, 15, 7)
+    assert r["R@1_all_found"] == pytest.approx(100 * 12 / 22)
+    assert "R@1_all_found" not in evaluate_topk(topk, 25.0, (1,))  # without the index: as before

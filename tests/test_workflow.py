@@ -63,6 +63,9 @@ def test_results_written(project):
         df = pd.read_csv(project / "results" / "tiny" / f"{m}.csv")
         assert list(df.columns[:6]) == ["dataset", "method", "R@1", "R@5", "n_queries", "n_skipped_queries"]
         assert df.n_queries[0] == 4 and df["R@5"][0] == 100.0
+        # every query file accounted for; none left out here, so both recall sets agree
+        assert (df.n_queries_found[0], df.n_queries_indexed[0], df.n_queries_left_out[0]) == (4, 4, 0)
+        assert df["R@1_all_found"][0] == df["R@1"][0]
     shards = sorted(p.name for p in (project / "work/tiny/global/vlad_a/database").iterdir())
     assert shards == ["shard_0000.zarr", "shard_0001.zarr", "shard_0002.zarr"]
 

@@ -6,10 +6,17 @@ def index_tables(w):
     return [f"{WORK}/{w.dataset}/index/summary.json"] if DATASETS[w.dataset].get("positions") else []
 
 
+def index_summary(dataset):
+    """The index summary of a dataset with images (query counts for the results); none for
+    datasets that only import top-k files."""
+    return [f"{WORK}/{dataset}/index/summary.json"] if DATASETS[dataset].get("root") else []
+
+
 rule results:
     input:
         topk=lambda w: rebuild_if_inputs_missing(f"{RESULTS}/{w.dataset}/{w.gmethod}.csv", [f"{WORK}/{w.dataset}/topk/{w.gmethod}.h5"]),
         index=index_tables,
+        summary=lambda w: index_summary(w.dataset),
     output:
         f"{RESULTS}/{{dataset}}/{{gmethod}}.csv",
     wildcard_constraints:
@@ -19,6 +26,7 @@ rule results:
         ns=" ".join(map(str, config["evaluation"]["recall_at"])),
         conf=lambda w: method_json(w.gmethod),
         index=lambda w, input: f"--index-dir {shlex.quote(os.path.dirname(input.index[0]))}" if input.index else "",
+        summary=lambda w, input: f"--index-summary {shlex.quote(input.summary[0])}" if input.summary else "",
     log:
         f"{WORK}/logs/results_{{dataset}}_{{gmethod}}.log",
     conda:
@@ -26,4 +34,4 @@ rule results:
     shell:
         "{PY} results --topk {input.topk[0]:q} --out {output:q} --dataset {wildcards.dataset}"
         " --method {wildcards.gmethod} --conf {params.conf:q} --threshold {params.threshold}"
-        " --ns {params.ns} {params.index} 2> {log:q}"
+        " --ns {params.ns} {params.index} {params.summary} 2> {log:q}"
