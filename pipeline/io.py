@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
+
+
+#: errors of the disk rather than of the data: reported with the output's path
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 
 
 def _remove(path: Path) -> None:
@@ -30,7 +35,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno in DISK_ERRNOS and str(path) not in str(e):
+                # "[Errno 28] No space left on device" names no file: say which output failed
+                raise OSError(e.errno, f"{e.strerror or e} (while writing {path})", str(tmp)) from e
+            raise
         if path.is_dir() and not path.is_symlink():
             # os.replace cannot replace a non-empty directory: move the old one aside.
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")

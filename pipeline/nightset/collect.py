@@ -761,6 +761,9 @@ def main(argv=None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from ..redact import install
+
+    install()  # the request URLs urllib3 logs at DEBUG carry the api_key
     try:
         summary = run_args(a)
     except (ValueError, OSError, RuntimeError) as e:
