@@ -371,7 +371,8 @@ class Browser:
         self.proc = subprocess.Popen(
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
              f"--user-data-dir={tmp}", "--no-first-run", "--window-size=1280,900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)  # its own process group: close() ends the browser's children too
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stderr], daemon=True).start()
         deadline, url, seen = time.monotonic() + 30, None, []
@@ -441,12 +442,22 @@ class Browser:
     def close(self):
         if getattr(self, "ws", None):
             self.ws.close()
-        self.proc.terminate()
+        # the binary may be a wrapper whose browser outlives it: signal the whole group
+        import signal
+
+        def group(sig):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+        group(signal.SIGTERM)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            group(signal.SIGKILL)
             self.proc.wait(10)
+        group(signal.SIGKILL)  # stragglers of the group (zygote, renderers)
 
 
 SHOWN = "!!document.body && document.body.dataset.ready === '1' && document.body.dataset.photo"
