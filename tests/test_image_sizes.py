@@ -10,7 +10,6 @@ so a RANSAC threshold means the same whatever size a model described the images 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import cv2
