@@ -479,8 +479,26 @@ def main(argv=None) -> int:
         a.func(a)
     except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
         logging.getLogger("pipeline").error("%s", e)
+        _error_to_stdout(a.command, e)
         return 1
     return 0
+
+
+def _error_to_stdout(command: str, err: Exception) -> None:
+    """The reason a command failed, on stdout as well when stderr is not a terminal.
+
+    Rules send stderr to the job's log on the work disk; when that disk is full, the log
+    stays empty. Stdout goes to Snakemake's output (or the cluster's job output), so the
+    reason still reaches the user."""
+    import sys
+
+    try:
+        if not sys.stderr.isatty():
+            from .redact import redact
+
+            print(redact(f"python -m pipeline {command}: error: {err}"), flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -56,3 +56,20 @@ def test_disk_full_names_the_output(tmp_path):
         with atomic_path(out):
             raise OSError("boom")
     write_json(out.with_suffix(".json"), {"ok": 1})
+
+
+def test_the_reason_reaches_stdout_when_the_log_disk_is_full(tmp_path):
+    """A rule's stderr goes to its log on the work disk; on a full disk (here /dev/full, where
+    every write fails with ENOSPC) the reason still reaches Snakemake's output via stdout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    repo = Path(__file__).resolve().parents[1]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", str(tmp_path / "missing.h5")],
+                           cwd=repo, stdout=subprocess.PIPE, stderr=full, text=True)
+    assert r.returncode != 0
+    assert "python -m pipeline evaluate: error:" in r.stdout and "missing.h5" in r.stdout, r.stdout
