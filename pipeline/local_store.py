@@ -205,14 +205,26 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
 
         def describe(img):
             t_img = time.perf_counter()
-            with torch.inference_mode():
-                out = model(to_float(img.to(dev)))
-            d = {key: v.float().cpu().numpy() for key, v in out.items()}  # .cpu() waits for the device
+            try:
+                with torch.inference_mode():
+                    out = model(to_float(img.to(dev)))
+                d = {key: v.float().cpu().numpy() for key, v in out.items()}  # .cpu() waits for the device
+            except (MemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                return OutOfMemory(f"out of memory describing it at {img.shape[2]} x {img.shape[1]} px ({e}); "
+                                   f"set a smaller resize_max for {conf['name']}")
             d["seconds"] = time.perf_counter() - t_img
             return d
 
         def keep(i, img, d):
             nonlocal next_part, buffer
+            if isinstance(d, OutOfMemory):  # this image is reported, the others go on
+                errors[todo[i]] = f"{Path(root) / todo[i]}: {d}"
+                logger.warning("skipped: %s", errors[todo[i]])
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                return
             orig = _original_size(Path(root) / todo[i])
             d["image_size"] = (img.shape[2], img.shape[1])
             d["original_size"] = orig
@@ -266,6 +278,18 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
     logger.info("%s: %.1f MB for %d images", folder, size / 1e6, len(index))
     write_json(folder / "index.json", info)
     return info
+
+
+class OutOfMemory(str):
+    """Why an image could not be described for lack of memory (kept as that image's error)."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A MemoryError, or torch's CPU / CUDA allocation failure."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return "out of memory" in text.lower() or "can't allocate memory" in text or "DefaultCPUAllocator" in text
 
 
 def extraction_threads(model, device) -> int:
