@@ -20,6 +20,7 @@ applies the tag too.)
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ from PIL import Image, ImageOps
 
 #: the default limit: 100 megapixels, above any camera's photo (a 14000 x 13000 JPEG is 182)
 DEFAULT_MAX_PIXELS = 100_000_000
+# max_pixels is the limit here: PIL's warning from 89 MP on would only add noise (its error
+# from 179 MP on stays, reported as a decompression bomb)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 ENV_MAX_PIXELS = "VG_MAX_PIXELS"
 
 
