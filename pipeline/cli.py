@@ -136,6 +136,10 @@ def cmd_check_weights(a):
         from .local_features import build_model
 
         conf, _ = split_conf(a.conf)
+    elif a.kind == "global":
+        from .global_features import build_model
+
+        conf = a.conf
     else:
         from .matchers import build_matcher as build_model
 
@@ -339,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_import_topk)
 
     s = sub.add_parser("check-weights", help="load a model's weights once (keys, shapes, safety) before any job")
-    s.add_argument("--kind", choices=("local", "matcher"), required=True)
+    s.add_argument("--kind", choices=("local", "matcher", "global"), required=True)
     s.add_argument("--conf", type=_json, required=True, help="the model's conf (JSON)")
     s.add_argument("--what", required=True, help="the config entry, for messages (e.g. local_features.d2net)")
     s.add_argument("--out", required=True, help="stamp (JSON) written when the weights load")

@@ -53,3 +53,22 @@ def test_good_weights_are_checked_once_and_reruns_are_noops(tmp_path):
     assert json.loads(stamp.read_text())["weights"] == [str(out)]
     code, log = snakemake(tmp_path, "-n", "--until", "check_weights", "results/tiny/d2net_ransac.csv")
     assert "check_weights" not in job_counts(log), log
+
+
+def test_wrong_global_checkpoint_fails_before_the_index(tmp_path):
+    (tmp_path / "resnet18_512.pth").write_bytes(b"not a checkpoint" * 50)
+    make_dataset(tmp_path / "data" / "tiny", n_db=6, n_q=2)
+    config = {
+        "datasets": {"tiny": {"root": "data/tiny"}},
+        "global_methods": {"cosplace": {"model": {"name": "cosplace", "backbone": "ResNet18",
+                                                  "checkpoint": str(tmp_path / "resnet18_512.pth")},
+                                        "extraction": {"device": "cpu", "num_workers": 0}}},
+        "retrieval": {"k": 3},
+        "evaluation": {"recall_at": [1, 3]},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out = snakemake(tmp_path, "--cores", "1", "results/tiny/cosplace.csv")
+    assert code != 0
+    log = (tmp_path / "work" / "logs" / "check_weights_global_cosplace.log").read_text()
+    assert "global_methods.cosplace.model" in log and "resnet18_512.pth" in log
+    assert not (tmp_path / "work" / "tiny" / "index").exists()

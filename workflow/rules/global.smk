@@ -15,6 +15,7 @@ rule fit_global:
     """Fit a global model's codebook/PCA (VLAD) on a sample of database images."""
     input:
         table=f"{WORK}/{{dataset}}/index/database.csv",
+        checked=lambda w: [ancient(p) for p in weights_check("global", w.gmethod)],  # order only
     output:
         f"{GDIR}/fit.pt",
     wildcard_constraints:
@@ -41,6 +42,7 @@ rule extract_database_shard:
     input:
         table=f"{WORK}/{{dataset}}/index/database.csv",
         fit=fit_state,
+        checked=lambda w: [ancient(p) for p in weights_check("global", w.gmethod)],  # order only
     output:
         shard_output(directory(f"{GDIR}/database/shard_{{shard}}.zarr")),
     wildcard_constraints:
@@ -70,6 +72,7 @@ rule extract_queries:
     input:
         table=f"{WORK}/{{dataset}}/index/queries.csv",
         fit=fit_state,
+        checked=lambda w: [ancient(p) for p in weights_check("global", w.gmethod)],  # order only
     output:
         directory(f"{GDIR}/queries.zarr"),
     wildcard_constraints:

@@ -59,12 +59,21 @@ def resolver_args(wildcards):
     return f"--root {shlex.quote(DATASETS[wildcards.dataset]['root'])} --index-dir {shlex.quote(f'{WORK}/{wildcards.dataset}/index')}"
 
 
+def checked_conf(kind, name):
+    """The model conf of a local-features, matcher or global-method entry."""
+    if kind == "global":
+        return GMETHODS[name].get("model", {})
+    return (LOCAL if kind == "local" else MATCHERS)[name]
+
+
 def weights_check(kind, name):
-    """The stamp of check_weights for a local-features or matcher entry with weight files."""
-    conf = (LOCAL if kind == "local" else MATCHERS)[name]
+    """The stamp of check_weights for an entry with weight files (none without)."""
     from pipeline.random_weights import weight_paths
 
-    return [f"{WORK}/checks/weights/{kind}/{name}.json"] if weight_paths(conf) else []
+    return [f"{WORK}/checks/weights/{kind}/{name}.json"] if weight_paths(checked_conf(kind, name)) else []
+
+
+SECTION = {"local": "local_features", "matcher": "matchers", "global": "global_methods"}
 
 
 rule check_weights:
@@ -72,14 +81,14 @@ rule check_weights:
     (priority): a wrong or missing file fails the run in seconds, naming the entry and
     the file, not after hours of retrieval."""
     input:
-        weights=lambda w: random_weights((LOCAL if w.kind == "local" else MATCHERS)[w.name]),
+        weights=lambda w: random_weights(checked_conf(w.kind, w.name)),
     output:
         f"{WORK}/checks/weights/{{kind}}/{{name}}.json",
     wildcard_constraints:
-        kind="local|matcher",
+        kind="local|matcher|global",
     params:
-        conf=lambda w: json.dumps((LOCAL if w.kind == "local" else MATCHERS)[w.name], sort_keys=True),
-        what=lambda w: f"{'local_features' if w.kind == 'local' else 'matchers'}.{w.name}",
+        conf=lambda w: json.dumps(checked_conf(w.kind, w.name), sort_keys=True),
+        what=lambda w: f"{SECTION[w.kind]}.{w.name}" + (".model" if w.kind == "global" else ""),
     priority: 100
     log:
         f"{WORK}/logs/check_weights_{{kind}}_{{name}}.log",
