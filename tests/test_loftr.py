@@ -344,6 +344,4 @@ def test_missing_file_raises(tmp_path):
 def test_registered_name():
     from pipeline.matchers import MODELS
 
-    if "loftr" not in MODELS:
-        pytest.skip("'loftr' not registered in pipeline/matchers/__init__.py yet")
     assert MODELS["loftr"] == ("pipeline.matchers.loftr", "LoFTR")
