@@ -34,7 +34,10 @@ def check_config(config: dict) -> dict:
     for name, method in config["global_methods"].items():
         if "model" in method:
             model = method["model"]
-            cls = get_model_class(model["name"])
+            try:
+                cls = get_model_class(model["name"])
+            except ValueError as e:  # the registry lists the known names
+                raise ConfigError(f"global_methods.{name}.model.name: {e}") from None
             try:
                 merge_conf({**cls.base_conf, **cls.default_conf}, model, f"global_methods.{name}.model")
             except ValueError as e:
@@ -51,7 +54,10 @@ def check_config(config: dict) -> dict:
 
     for section, get in (("local_features", local_class), ("matchers", get_matcher_class), ("scorers", SCORERS.get)):
         for name, conf in config.get(section, {}).items():
-            cls = get(conf["name"])
+            try:
+                cls = get(conf["name"])
+            except ValueError as e:  # the registry lists the known names
+                raise ConfigError(f"{section}.{name}.name: {e}") from None
             try:
                 if section == "local_features":  # storage options of the feature store, not the model's
                     from .local_store import split_conf
