@@ -265,15 +265,6 @@ def to_torch(value: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(v))
 
 
-def to_tf(t: torch.Tensor) -> np.ndarray:
-    v = t.detach().cpu().numpy().astype(np.float32)
-    if v.ndim == 4:
-        v = v.transpose(2, 3, 1, 0)
-    elif v.ndim == 2:
-        v = v.T
-    return np.ascontiguousarray(v)
-
-
 def _skipped(key: str, root: str) -> bool:
     rel = key.removeprefix(root)
     return (key in ("save_counter" + tf_bundle.VARIABLE_SUFFIX,) or key.startswith("optimizer/")

@@ -24,7 +24,6 @@ Spec (JSON)::
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
 from pathlib import Path
@@ -156,6 +155,3 @@ def build_report(spec: dict, out_dir) -> dict:
     write_json(out_dir / "manifest.json", written)
     return written
 
-
-def main_spec(path) -> dict:
-    return json.loads(Path(path).read_text())

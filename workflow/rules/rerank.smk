@@ -20,13 +20,6 @@ def method_random_weights(method):
     return [p for conf in confs for p in random_weights(conf)]
 
 
-def matcher_output(matcher):
-    """What a matcher writes: matches, points or pair_score."""
-    from pipeline.matchers import get_matcher_class
-
-    return get_matcher_class(MATCHERS[matcher]["name"]).output
-
-
 def features_part(c):
     return c["features"] or IMAGES
 
