@@ -38,7 +38,14 @@ def alternation(names):
 
 EXTRACTED = [m for m, c in GMETHODS.items() if "model" in c]
 IMPORTED = [m for m, c in GMETHODS.items() if "import" in c]
-FITTED = [m for m in EXTRACTED if GMETHODS[m]["model"]["name"] == "vlad"]
+def _needs_fit(method):
+    from pipeline.global_features import get_model_class
+
+    return get_model_class(GMETHODS[method]["model"]["name"]).needs_fit
+
+
+# global methods whose model is fitted on the database first (the class says so: needs_fit)
+FITTED = [m for m in EXTRACTED if _needs_fit(m)]
 
 
 wildcard_constraints:
