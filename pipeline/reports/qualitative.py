@@ -387,42 +387,15 @@ def ransac_settings(scorer_conf: dict | None) -> tuple[dict, str]:
 
 
 def ransac_inliers(kq, kc, matches, conf: dict, q: dict | None = None, c: dict | None = None) -> np.ndarray:
-    """Boolean ``[M]``: the matches the RANSAC of ``conf`` (a ransac or multiscale_ransac
-    scorer conf, defaults filled) keeps, computed exactly as the scorer does (same
-    point order, direction, seed, ``min_matches``). For multi-scale RANSAC, the union
-    of the per-level inliers."""
-    from ..scorers.ransac import inlier_mask
+    """Boolean ``[M]``: the matches the RANSAC scorer of ``conf`` (ransac or
+    multiscale_ransac) counts as inliers: its own :meth:`inlier_mask`, so a figure draws
+    exactly what the scorer counts. For multi-scale RANSAC, the union over levels."""
+    from ..scorers import build_scorer
 
     kq = np.asarray(kq, np.float64).reshape(-1, 2)
     kc = np.asarray(kc, np.float64).reshape(-1, 2)
     m = np.asarray(matches, np.int64).reshape(-1, 2)
-    mask = np.zeros(len(m), bool)
-
-    def fit(sel: np.ndarray, threshold: float) -> None:
-        ms = m[sel]
-        if conf.get("min_matches") is not None and len(ms) < conf["min_matches"]:
-            return
-        if conf.get("direction", "query_to_candidate") == "candidate_to_query":
-            order = np.argsort(ms[:, 1], kind="stable")
-            sub = inlier_mask(kc[ms[order, 1]], kq[ms[order, 0]], conf["method"], threshold, conf["max_iters"],
-                              conf["confidence"], conf["seed"], conf["model"])
-            got = np.zeros(len(ms), bool)
-            got[order] = sub
-        else:
-            got = inlier_mask(kq[ms[:, 0]], kc[ms[:, 1]], conf["method"], threshold, conf["max_iters"],
-                              conf["confidence"], conf["seed"], conf["model"])
-        mask[np.flatnonzero(sel)[got]] = True
-
-    if "weights" in conf:  # multi-scale: one fit per keypoint level
-        lq = np.asarray((q or {}).get("levels", np.zeros(len(kq), np.int16)))
-        lc = np.asarray((c or {}).get("levels", np.zeros(len(kc), np.int16)))
-        for level in range(len(conf["weights"])):
-            sel = (lq[m[:, 0]] == level) & (lc[m[:, 1]] == level) if len(m) else np.zeros(0, bool)
-            thr = conf["thresholds"][level] if conf.get("thresholds") else conf["threshold"]
-            fit(sel, thr)
-    else:
-        fit(np.ones(len(m), bool), conf["threshold"])
-    return mask
+    return build_scorer(conf).inlier_mask(kq, kc, m, q or {}, c or {})
 
 
 def _image_size(path) -> tuple[int, int] | None:

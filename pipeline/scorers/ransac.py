@@ -70,21 +70,33 @@ class RansacInliers(Scorer):
         if self.conf["direction"] not in DIRECTIONS:
             raise ValueError(f"ransac: direction must be one of {DIRECTIONS}, got {self.conf['direction']!r}")
 
-    def inliers(self, kq, kc, matches, threshold) -> int:
+    def match_mask(self, kq, kc, matches, threshold) -> np.ndarray:
+        """Boolean ``[M]`` (in the order of ``matches``): the matches one RANSAC fit at
+        ``threshold`` keeps, with this scorer's direction, point order and seed."""
         c_ = self.conf
-        if c_["direction"] == "candidate_to_query":
-            matches = matches[np.argsort(matches[:, 1], kind="stable")]
-            p0, p1 = kc[matches[:, 1]], kq[matches[:, 0]]
-        else:
-            p0, p1 = kq[matches[:, 0]], kc[matches[:, 1]]
-        return homography_inliers(p0, p1, c_["method"], threshold, c_["max_iters"], c_["confidence"], c_["seed"],
-                                  c_["model"])
+        matches = np.asarray(matches, np.int64).reshape(-1, 2)
+        args = (c_["method"], threshold, c_["max_iters"], c_["confidence"], c_["seed"], c_["model"])
+        if c_["direction"] == "candidate_to_query":  # fitted in candidate order (Patch-NetVLAD)
+            order = np.argsort(matches[:, 1], kind="stable")
+            ms = matches[order]
+            out = np.zeros(len(matches), bool)
+            out[order] = inlier_mask(kc[ms[:, 1]], kq[ms[:, 0]], *args)
+            return out
+        return inlier_mask(kq[matches[:, 0]], kc[matches[:, 1]], *args)
 
-    def score_pair(self, kq, kc, matches, q, c):
+    def inliers(self, kq, kc, matches, threshold) -> int:
+        return int(self.match_mask(kq, kc, matches, threshold).sum())
+
+    def inlier_mask(self, kq, kc, matches, q: dict | None = None, c: dict | None = None) -> np.ndarray:
+        """Boolean ``[M]``: the matches this scorer counts as inliers (figures draw these;
+        :meth:`score_pair` is their count)."""
         c_ = self.conf
         if c_["min_matches"] is not None and len(matches) < c_["min_matches"]:
-            return np.array([0.0])
-        return np.array([float(self.inliers(kq, kc, matches, c_["threshold"]))])
+            return np.zeros(len(matches), bool)
+        return self.match_mask(kq, kc, matches, c_["threshold"])
+
+    def score_pair(self, kq, kc, matches, q, c):
+        return np.array([float(self.inlier_mask(kq, kc, matches, q, c).sum())])
 
 
 class MultiScaleRansac(RansacInliers):
@@ -95,20 +107,33 @@ class MultiScaleRansac(RansacInliers):
 
     default_conf = {**RansacInliers.default_conf, "weights": [1.0], "thresholds": None}
 
-    def score_pair(self, kq, kc, matches, q, c):
+    def level_masks(self, kq, kc, matches, q: dict | None, c: dict | None):
+        """``(level, matches of that level [M] bool, their inliers [M] bool)`` per level: one
+        RANSAC fit per keypoint level, at that level's threshold."""
         c_ = self.conf
-        weights = c_["weights"]
-        lq = q.get("levels", np.zeros(len(kq), np.int16))
-        lc = c.get("levels", np.zeros(len(kc), np.int16))
-        out = np.zeros(len(weights))
-        for level in range(len(weights)):
+        matches = np.asarray(matches, np.int64).reshape(-1, 2)
+        lq = np.asarray((q or {}).get("levels", np.zeros(len(kq), np.int16)))
+        lc = np.asarray((c or {}).get("levels", np.zeros(len(kc), np.int16)))
+        for level in range(len(c_["weights"])):
             keep = (lq[matches[:, 0]] == level) & (lc[matches[:, 1]] == level)
-            m = matches[keep]
+            inl = np.zeros(len(matches), bool)
             thr = c_["thresholds"][level] if c_["thresholds"] else c_["threshold"]
-            if c_["min_matches"] is not None and len(m) < c_["min_matches"]:
-                continue
-            n = self.inliers(kq, kc, m, thr)
-            out[level] = n / max(1, int((lq == level).sum()))
+            if c_["min_matches"] is None or keep.sum() >= c_["min_matches"]:
+                inl[np.flatnonzero(keep)] = self.match_mask(kq, kc, matches[keep], thr)
+            yield level, keep, inl
+
+    def inlier_mask(self, kq, kc, matches, q: dict | None = None, c: dict | None = None) -> np.ndarray:
+        """The union of the per-level inliers."""
+        out = np.zeros(len(matches), bool)
+        for _, _, inl in self.level_masks(kq, kc, matches, q, c):
+            out |= inl
+        return out
+
+    def score_pair(self, kq, kc, matches, q, c):
+        lq = q.get("levels", np.zeros(len(kq), np.int16))
+        out = np.zeros(len(self.conf["weights"]))
+        for level, _, inl in self.level_masks(kq, kc, matches, q, c):
+            out[level] = int(inl.sum()) / max(1, int((lq == level).sum()))
         return out
 
     def finalize(self, raw):
