@@ -382,7 +382,7 @@ def ransac_settings(scorer_conf: dict | None) -> tuple[dict, str]:
         raise ValueError(f"scorer {scorer.conf['name']!r} scores pairs without matches: no RANSAC figure")
     if isinstance(scorer, RansacInliers):
         return dict(scorer.conf), f"the scorer's RANSAC ({scorer.conf['name']})"
-    conf = dict(RansacInliers().conf)
+    conf = {**RansacInliers().conf, "name": "ransac"}
     return conf, f"RANSAC with default settings (the scorer {scorer.conf['name']!r} does not use RANSAC)"
 
 
@@ -395,6 +395,7 @@ def ransac_inliers(kq, kc, matches, conf: dict, q: dict | None = None, c: dict |
     kq = np.asarray(kq, np.float64).reshape(-1, 2)
     kc = np.asarray(kc, np.float64).reshape(-1, 2)
     m = np.asarray(matches, np.int64).reshape(-1, 2)
+    conf = {**conf, "name": conf.get("name") or ("multiscale_ransac" if "weights" in conf else "ransac")}
     return build_scorer(conf).inlier_mask(kq, kc, m, q or {}, c or {})
 
 
