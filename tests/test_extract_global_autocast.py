@@ -9,23 +9,12 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.datasets.index import index_dataset, read_table
-from pipeline.datasets.synthetic import generate
+from pipeline.datasets.index import read_table
 from pipeline.evaluate import evaluate_topk
-from pipeline.extract_global import extract_global, fit_global
-from pipeline.retrieval import build_index, search
+from pipeline.extract_global import extract_global
 
 from .conftest import WEIGHTS, need_shared
-
-CONF = {"n_streets": 3, "street_length": 100.0, "n_queries": 24, "image_size": [160, 120], "seed": 1}
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("autocast")
-    generate(tmp / "demo", CONF)
-    index_dataset(tmp / "demo", tmp / "index")
-    return tmp
+from .test_retrieval_synthetic import run_retrieval, synthetic  # noqa: F401, F811 (the synthetic set, a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +24,11 @@ def model():
 
 
 def _retrieve(tmp, model, autocast):
-    fit = tmp / "fit.pt"
-    if not fit.exists():
-        fit_global(model, tmp / "demo", tmp / "index" / "database.csv", fit, device="cpu")
-    tag = autocast or "float32"
-    for split in ("database", "queries"):
-        names = read_table(tmp / "index" / f"{split}.csv").name.tolist()
-        extract_global(model, tmp / "demo", names, tmp / f"{tag}_{split}.zarr", fit_state=fit, batch_size=8,
-                       device="cpu", autocast=autocast)
-    build_index([tmp / f"{tag}_database.zarr"], tmp / f"{tag}.index")
-    return search(tmp / f"{tag}.index", tmp / f"{tag}_queries.zarr", tmp / f"{tag}.h5", k=20,
-                  database=tmp / f"{tag}_database.zarr")
+    # one fit for both runs; stores named by precision
+    return run_retrieval(tmp, model, autocast or "float32", autocast=autocast, fit_name="shared")
 
 
-def test_bfloat16_recalls_equal_float32(synthetic, model):
+def test_bfloat16_recalls_equal_float32(synthetic, model):  # noqa: F811
     full = _retrieve(synthetic, model, None)
     half = _retrieve(synthetic, model, "bfloat16")
     r_full, r_half = (evaluate_topk(t, 25.0, (1, 5, 10, 20)) for t in (full, half))
@@ -66,12 +46,12 @@ def test_bfloat16_recalls_equal_float32(synthetic, model):
     assert "autocast" not in dict(zarr.open_group(str(synthetic / "float32_queries.zarr"), mode="r").attrs)
 
 
-def test_bad_autocast_fails_before_any_work(synthetic, model, tmp_path):
+def test_bad_autocast_fails_before_any_work(synthetic, model, tmp_path):  # noqa: F811
     names = read_table(synthetic / "index" / "queries.csv").name.tolist()[:2]
     with pytest.raises(ValueError, match="bfloat16"):
-        extract_global(model, synthetic / "demo", names, tmp_path / "x.zarr", fit_state=synthetic / "fit.pt",
+        extract_global(model, synthetic / "demo", names, tmp_path / "x.zarr", fit_state=synthetic / "shared.fit.pt",
                        device="cpu", autocast="float16")  # a GPU-only dtype on the CPU
     with pytest.raises(ValueError, match="autocast must be one of"):
-        extract_global(model, synthetic / "demo", names, tmp_path / "x.zarr", fit_state=synthetic / "fit.pt",
+        extract_global(model, synthetic / "demo", names, tmp_path / "x.zarr", fit_state=synthetic / "shared.fit.pt",
                        device="cpu", autocast="fp8")
     assert not (tmp_path / "x.zarr.partial").exists()

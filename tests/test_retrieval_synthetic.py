@@ -22,12 +22,15 @@ def synthetic(tmp_path_factory):
     return tmp
 
 
-def run_retrieval(tmp, model, name):
-    fit = tmp / f"{name}.fit.pt"
-    fit_global(model, tmp / "demo", tmp / "index" / "database.csv", fit, device="cpu")
+def run_retrieval(tmp, model, name, autocast=None, fit_name=None):
+    """Fit (once per ``fit_name``, default ``name``), describe and search; stores named ``name``."""
+    fit = tmp / f"{fit_name or name}.fit.pt"
+    if not fit.exists():
+        fit_global(model, tmp / "demo", tmp / "index" / "database.csv", fit, device="cpu")
     for split in ("database", "queries"):
         names = read_table(tmp / "index" / f"{split}.csv").name.tolist()
-        extract_global(model, tmp / "demo", names, tmp / f"{name}_{split}.zarr", fit_state=fit, batch_size=8, device="cpu")
+        extract_global(model, tmp / "demo", names, tmp / f"{name}_{split}.zarr", fit_state=fit, batch_size=8,
+                       device="cpu", autocast=autocast)
     build_index([tmp / f"{name}_database.zarr"], tmp / f"{name}.index")
     return search(tmp / f"{name}.index", tmp / f"{name}_queries.zarr", tmp / f"{name}.h5", k=20,
                   database=tmp / f"{name}_database.zarr")
