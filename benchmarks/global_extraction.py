@@ -33,14 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.datasets.index import index_dataset, read_table  # noqa: E402
 from pipeline.datasets.synthetic import generate  # noqa: E402
-from pipeline.extract_global import (  # noqa: E402
-    AUTOCAST,
-    autocast_context,
-    extract_global,
-    fit_global,
-    load_model,
-    pick_device,
-)
+from pipeline.extract_global import extract_global, fit_global, load_model  # noqa: E402
+from pipeline.gpus import AUTOCAST, autocast_context, pick_device  # noqa: E402
 from pipeline.images import load_uint8, to_float  # noqa: E402
 
 MODELS = {

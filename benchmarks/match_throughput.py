@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.extract_global import pick_device  # noqa: E402
+from pipeline.gpus import pick_device  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
-from pipeline.local_store import extract_local, FeatureStore  # noqa: E402
+from pipeline.local_store import FeatureStore  # noqa: E402
+from pipeline.extract_local import extract_local  # noqa: E402
 from pipeline.matchers import build_matcher  # noqa: E402
 from pipeline.rerank import _host_feats, match_topk  # noqa: E402
 from pipeline.topk import TopK, write_topk  # noqa: E402

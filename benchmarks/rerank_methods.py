@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from pipeline.evaluate import evaluate_topk  # noqa: E402
-from pipeline.local_store import extract_local  # noqa: E402
+from pipeline.extract_local import extract_local  # noqa: E402
 from pipeline.random_weights import parse_name, weight_paths, write_random  # noqa: E402
 from pipeline.rerank import NameResolver, match_topk, needed_images, score_topk  # noqa: E402
 from pipeline.topk import TopK, read_topk, write_topk  # noqa: E402

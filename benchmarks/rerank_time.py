@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.datasets.index import index_dataset, read_table  # noqa: E402
 from pipeline.datasets.synthetic import generate  # noqa: E402
-from pipeline.extract_global import extract_global, fit_global, pick_device  # noqa: E402
+from pipeline.extract_global import extract_global, fit_global  # noqa: E402
+from pipeline.gpus import pick_device  # noqa: E402
 from pipeline.images import load_tensor  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 from pipeline.local_features import build_model  # noqa: E402
-from pipeline.local_store import extract_local  # noqa: E402
+from pipeline.extract_local import extract_local  # noqa: E402
 from pipeline.matchers import build_matcher  # noqa: E402
 from pipeline.rerank import match_topk, needed_images, score_topk  # noqa: E402
 from pipeline.retrieval import build_index, search  # noqa: E402

@@ -168,7 +168,7 @@ def write_shards(db_path: str, work: str, shard_size: int) -> list[str]:
     """The database as Zarr shard stores in extract_global's layout (descriptors, valid, names, attrs)."""
     import zarr
 
-    from pipeline.extract_global import write_names
+    from pipeline.global_store import write_names
 
     db = NpyRows(db_path)
     paths = []
@@ -217,7 +217,7 @@ def run_pipeline(a, q, J) -> list:
 
     import zarr
 
-    from pipeline.extract_global import write_names
+    from pipeline.global_store import write_names
 
     rows = []
 

@@ -41,7 +41,8 @@ def cmd_fit_global(a):
 
 def cmd_extract_global(a):
     from .datasets.index import read_table
-    from .extract_global import run_extract, shard_range
+    from .extract_global import run_extract
+    from .global_store import shard_range
 
     names = read_table(a.table).name.tolist()
     meta = {"split": a.split, "dataset": a.dataset, "shard": a.shard, "shard_size": a.shard_size}
@@ -156,7 +157,7 @@ def cmd_check_weights(a):
 
 def cmd_extract_local(a):
     from .io import write_json
-    from .local_store import extract_local
+    from .extract_local import extract_local
     from .rerank import needed_images
 
     resolve = _resolver(a)

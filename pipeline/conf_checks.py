@@ -1,6 +1,6 @@
 """Types and ranges of the numeric options of every model, matcher and scorer conf.
 
-:func:`pipeline.global_features.base.merge_conf` (which every conf goes through, at
+:func:`pipeline.conf.merge_conf` (which every conf goes through, at
 config check time and when a model is built) calls :func:`check_values`, so
 ``max_keypoints: -10`` or a negative RANSAC threshold fails up front, naming the option,
 instead of keeping all but 10 keypoints or scoring nothing. The rules go by option name;

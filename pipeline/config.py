@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .global_features import get_model_class
-from .global_features.base import merge_conf
+from .conf import merge_conf
 
 SCHEMA = Path(str(resources.files("pipeline") / "schemas" / "config.schema.yaml"))
 

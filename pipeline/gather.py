@@ -26,7 +26,8 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from .extract_global import GlobalStore, conf_hash, open_partial_store, write_names
+from .conf import conf_hash
+from .global_store import GlobalStore, open_partial_store, write_names
 from .io import atomic_path
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,6 @@
-"""Which GPU a job uses when several jobs share a multi-GPU machine.
+"""The device a job runs on: :func:`pick_device`, the GPU it claims among several, autocast.
+
+Which GPU a job uses when several jobs share a multi-GPU machine:
 
 On a cluster each job gets its own GPU (SLURM sets ``CUDA_VISIBLE_DEVICES``), so a
 job sees one GPU and uses it. On one machine with several GPUs, Snakemake runs
@@ -16,7 +18,10 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -61,3 +66,34 @@ def release_gpus() -> None:
     for fd in _held.values():
         os.close(fd)
     _held.clear()
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto``: a GPU when there is one (with several, one no other job holds: :mod:`pipeline.gpus`),
+    else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as given."""
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", claim_gpu(torch.cuda.device_count()))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+#: ``autocast`` options of the extraction: the dtype the model's matrix products and
+#: convolutions run in (``None``: float32 throughout). Descriptors are stored as float32
+#: (or the store's ``dtype``) either way.
+AUTOCAST = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_context(autocast: str | None, device: torch.device):
+    """``torch.autocast`` for the ``autocast`` option on ``device`` (a no-op for float32)."""
+    if autocast not in AUTOCAST:
+        raise ValueError(f"extraction autocast must be one of {sorted(k for k in AUTOCAST if k)} or null, "
+                         f"not {autocast!r}")
+    dtype = AUTOCAST[autocast]
+    if dtype is None:
+        return nullcontext()
+    if device.type == "cpu" and dtype is torch.float16:
+        raise ValueError("extraction autocast float16 is for GPUs; on a CPU use bfloat16")
+    return torch.autocast(device.type, dtype=dtype)

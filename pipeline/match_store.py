@@ -51,8 +51,7 @@ NOT_HASHED = ("batch_size", "trust")
 def store_dir(base, matcher_conf: dict, features: str) -> Path:
     """The store folder for a matcher conf (defaults filled in) reading ``features``
     (the feature store's folder name, which carries its own conf hash, or ``images``)."""
-    from .extract_global import conf_hash
-    from .global_features.base import merge_conf
+    from .conf import conf_hash, merge_conf
     from .matchers import get_matcher_class
 
     cls = get_matcher_class(matcher_conf["name"])

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .extract_global import pick_device
+from .gpus import pick_device
 from .local_store import FeatureStore, described_keypoints, writer_token
 from .match_store import MatchView, PartWriter, scan, store_dir, write_view
 from .matchers import build_matcher
@@ -258,7 +258,7 @@ def input_size(features_conf: dict | None, matcher_conf: dict) -> dict:
     """The image-size settings a re-ranking method's model ran at, defaults filled in: the
     extractor's (or, with no extractor, the image-input matcher's) ``resize`` and
     ``resize_max``, plus a bound the model applies itself (e.g. ``{"max_edge": 1600}``)."""
-    from .global_features.base import merge_conf
+    from .conf import merge_conf
 
     if features_conf:
         from .local_features import get_model_class

@@ -47,7 +47,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from .extract_global import GlobalStore
+from .global_store import GlobalStore
 from .index_plan import FLAT_MAX, NAMED, auto_nlist, choose_factory  # noqa: F401 - re-exported
 from .io import atomic_path, read_json, write_json
 from .topk import TopK, write_topk

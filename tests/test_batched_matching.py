@@ -184,7 +184,7 @@ def test_scoring_in_processes_equals_one_process(tmp_path, tiny_dataset, monkeyp
     from pipeline import rerank as rr
     from pipeline.datasets.index import index_dataset
     from pipeline.io import write_json
-    from pipeline.local_store import extract_local
+    from pipeline.extract_local import extract_local
     from pipeline.topk import TopK, read_topk, write_topk
 
     from .test_rerank import small_topk
@@ -226,7 +226,7 @@ def test_a_dead_scoring_worker_does_not_hang_or_lose_queries(tmp_path, tiny_data
     from pipeline import rerank as rr
     from pipeline.datasets.index import index_dataset
     from pipeline.io import write_json
-    from pipeline.local_store import extract_local
+    from pipeline.extract_local import extract_local
     from pipeline.topk import write_topk
 
     from .test_rerank import small_topk

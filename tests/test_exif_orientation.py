@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline.images import image_size, read_image
-from pipeline.local_store import FeatureStore, extract_local
+from pipeline.local_store import FeatureStore
+from pipeline.extract_local import extract_local
 
 from .conftest import SHARED, need_shared, vg_name
 

@@ -11,13 +11,8 @@ import pytest
 
 import pipeline.extract_global as eg
 from pipeline.datasets.index import index_dataset, read_table
-from pipeline.extract_global import (
-    GlobalStore,
-    extract_global,
-    fit_global,
-    num_shards,
-    shard_range,
-)
+from pipeline.extract_global import extract_global, fit_global
+from pipeline.global_store import GlobalStore, num_shards, shard_range
 from pipeline.gather import gather_stores
 from pipeline.retrieval import build_index, choose_factory, search
 

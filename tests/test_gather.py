@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline import gather
-from pipeline.extract_global import GlobalStore
+from pipeline.global_store import GlobalStore
 from pipeline.gather import gather_stores
 
 from .test_retrieval_index import random_unit, write_store

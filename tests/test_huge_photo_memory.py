@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a runaway allocation fails here, not the machine
-from pipeline.local_store import extract_local
+from pipeline.extract_local import extract_local
 info = extract_local(json.loads(sys.argv[1]), sys.argv[2], ["huge.jpg"], sys.argv[3], device="cpu")
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"peak_mb": peak_mb, "errors": info["errors"], "n": len(info["images"])}))
@@ -47,7 +47,7 @@ def test_aliked_on_a_48_megapixel_photo_stays_small(tmp_path):
 def test_an_image_that_does_not_fit_is_reported_and_the_others_are_described(tiny_dataset, tmp_path, monkeypatch):
     """Out of memory on one image (here forced at 96 x 128 px) is that image's error, not the run's."""
     from pipeline.local_features.sift import SIFT
-    from pipeline.local_store import extract_local
+    from pipeline.extract_local import extract_local
 
     names = sorted(p.relative_to(tiny_dataset).as_posix() for p in (tiny_dataset / "database").glob("*.jpg"))[:4]
     forward = SIFT._forward

@@ -19,7 +19,8 @@ import pytest
 
 from pipeline.images import target_size, to_described_frame, to_original_frame
 from pipeline.local_features import get_model_class
-from pipeline.local_store import FeatureStore, described_keypoints, extract_local, store_dir
+from pipeline.local_store import FeatureStore, described_keypoints, store_dir
+from pipeline.extract_local import extract_local
 
 from .conftest import need_shared
 

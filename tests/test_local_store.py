@@ -8,14 +8,8 @@ import pytest
 
 from pipeline.config import ConfigError, check_config
 from pipeline.io import write_json
-from pipeline.local_store import (
-    FeatureStore,
-    extract_local,
-    scan_parts,
-    split_conf,
-    store_dir,
-    write_part,
-)
+from pipeline.extract_local import extract_local
+from pipeline.local_store import FeatureStore, scan_parts, split_conf, store_dir, write_part
 
 SIFT = {"name": "sift", "max_keypoints": 300}
 
@@ -150,7 +144,7 @@ def test_threaded_cpu_extraction_equals_one_at_a_time(tiny_dataset, tmp_path, mo
     import torch
 
     from pipeline.datasets.index import index_dataset, read_table
-    from pipeline.local_store import extraction_threads
+    from pipeline.extract_local import extraction_threads
     from pipeline.local_features import build_model
 
     index_dataset(tiny_dataset, tmp_path / "index")
@@ -164,7 +158,7 @@ def test_threaded_cpu_extraction_equals_one_at_a_time(tiny_dataset, tmp_path, mo
         one = extract_local(conf, tiny_dataset, names, tmp_path / "one", device="cpu")
         torch.set_num_threads(3)
         assert extraction_threads(build_model(SIFT), "cpu") == 3
-        with caplog.at_level(logging.INFO, logger="pipeline.local_store"):
+        with caplog.at_level(logging.INFO, logger="pipeline.extract_local"):
             many = extract_local(conf, tiny_dataset, names, tmp_path / "many", device="cpu")
     finally:
         torch.set_num_threads(threads)

@@ -13,7 +13,8 @@ import pipeline.rerank as rr
 from pipeline.datasets.index import index_dataset
 from pipeline.evaluate import candidate_distances, index_positions
 from pipeline.io import write_json
-from pipeline.local_store import FeatureStore, described_keypoints, extract_local
+from pipeline.local_store import FeatureStore, described_keypoints
+from pipeline.extract_local import extract_local
 from pipeline.reports.qualitative import (
     GROUPS,
     choose_queries,

@@ -10,7 +10,8 @@ from pipeline.datasets.index import index_dataset, read_table
 from pipeline.images import load_tensor
 from pipeline.io import write_json
 from pipeline.local_features import build_model
-from pipeline.local_store import FeatureStore, extract_local
+from pipeline.local_store import FeatureStore
+from pipeline.extract_local import extract_local
 from pipeline.matchers import build_matcher
 from pipeline.scorers import build_scorer
 from pipeline.topk import TopK, read_topk, write_topk

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.extract_global import GlobalStore
+from pipeline.global_store import GlobalStore
 from pipeline.rerank import needed_images
 
 from .test_workflow import job_counts, snakemake

@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from ..conf import merge_conf
+
 logger = logging.getLogger(__name__)
-
-
-def merge_conf(default: dict, conf: dict | None, where: str) -> dict:
-    """Return ``default`` updated with ``conf``; unknown keys are an error naming ``where``."""
-    out = copy.deepcopy(default)
-    for key, value in (conf or {}).items():
-        if key not in out:
-            raise ValueError(
-                f"{where}: unknown option {key!r}; valid options are {sorted(out)}"
-            )
-        if isinstance(out[key], dict) and isinstance(value, dict):
-            out[key] = merge_conf(out[key], value, f"{where}.{key}")
-        else:
-            out[key] = value
-    from ..conf_checks import check_values
-
-    check_values(out, where)
-    return out
 
 
 class GlobalModel(nn.Module):

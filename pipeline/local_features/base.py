@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..global_features.base import merge_conf
+from ..conf import merge_conf
 
 
 def weights_file(path, model: str) -> Path:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..global_features.base import merge_conf
+from ..conf import merge_conf
 
 KINDS = ("matches", "points", "pair_score")
 #: bytes of temporaries a batch of pairs may take on a CPU (batch_size: auto)

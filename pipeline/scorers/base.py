@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..global_features.base import merge_conf
+from ..conf import merge_conf
 
 
 #: pixel frames a scorer can work in

@@ -6,7 +6,7 @@ import time
 
 sys.path.insert(0, workflow.basedir)  # the package, also when it is not pip-installed
 from pipeline.config import check_config
-from pipeline.extract_global import num_shards
+from pipeline.global_store import num_shards
 from pipeline.index_plan import descriptor_dim, memory_mb
 from pipeline.datasets.index import read_table
 
