@@ -14,12 +14,14 @@ from numbers import Integral, Real
 
 #: options that count something: integers >= 1
 COUNTS = {
-    "max_iters", "n_clusters", "dim", "fit_images", "fit_max_descriptors", "kmeans_iters", "num_pcs",
+    "max_iters", "n_clusters", "fit_images", "fit_max_descriptors", "kmeans_iters", "num_pcs",
     "num_clusters", "sinkhorn_iterations", "max_sequence_len", "num_local_features", "num_global_features",
     "max_edge", "max_sum_edges", "max_size", "max_image_size", "fc_output_dim", "descriptor_dim", "nhead",
     "divisible_by", "window_size", "min_size", "num_encoder_layers", "dim_feedforward", "global_dim",
     "reduction_dim", "threshold_target",
 }
+#: integers >= 1, or null (off: VLAD's ``dim`` null keeps the whole VLAD, no PCA)
+COUNTS_OR_NULL = {"dim"}
 #: integers >= 0
 NON_NEGATIVE_INTS = {"nms_radius", "remove_borders", "seed", "layer", "index"}
 #: numbers > 0
@@ -50,6 +52,8 @@ def check_values(conf: dict, where: str) -> None:
 def _problem(key: str, v) -> str | None:
     if key in COUNTS:
         return None if _int(v) and v >= 1 else "must be a whole number >= 1"
+    if key in COUNTS_OR_NULL:
+        return None if v is None or (_int(v) and v >= 1) else "must be a whole number >= 1 or null"
     if key in NON_NEGATIVE_INTS:
         return None if _int(v) and v >= 0 else "must be a whole number >= 0"
     if key in POSITIVE:

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from .global_features import get_model_class
-from .conf import merge_conf
+from .global_features import REGISTRY as GLOBAL
+from .local_features import REGISTRY as LOCAL
+from .local_store import split_conf
+from .matchers import REGISTRY as MATCHERS
+from .scorers import REGISTRY as SCORERS
 
 SCHEMA = Path(str(resources.files("pipeline") / "schemas" / "config.schema.yaml"))
 
@@ -33,39 +36,21 @@ def check_config(config: dict) -> dict:
     """Checks the schema cannot express: model options, method/dataset references."""
     for name, method in config["global_methods"].items():
         if "model" in method:
-            model = method["model"]
-            try:
-                cls = get_model_class(model["name"])
-            except ValueError as e:  # the registry lists the known names
-                raise ConfigError(f"global_methods.{name}.model.name: {e}") from None
-            try:
-                merge_conf({**cls.base_conf, **cls.default_conf}, model, f"global_methods.{name}.model")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            _check_model(GLOBAL, method["model"], f"global_methods.{name}.model")
         for dataset in method.get("import", {}):
             if dataset not in config["datasets"]:
                 raise ConfigError(
                     f"global_methods.{name}.import names dataset {dataset!r}, which is not under datasets: "
                     f"{sorted(config['datasets'])}"
                 )
-    from .local_features import get_model_class as local_class
-    from .matchers import get_matcher_class
-    from .scorers import REGISTRY as SCORERS
-
-    for section, get in (("local_features", local_class), ("matchers", get_matcher_class), ("scorers", SCORERS.get)):
+    for section, registry in (("local_features", LOCAL), ("matchers", MATCHERS), ("scorers", SCORERS)):
         for name, conf in config.get(section, {}).items():
-            try:
-                cls = get(conf["name"])
-            except ValueError as e:  # the registry lists the known names
-                raise ConfigError(f"{section}.{name}.name: {e}") from None
-            try:
-                if section == "local_features":  # storage options of the feature store, not the model's
-                    from .local_store import split_conf
-
+            if section == "local_features":  # storage options of the feature store, not the model's
+                try:
                     conf, _ = split_conf(conf)
-                merge_conf({**cls.base_conf, **cls.default_conf}, conf, f"{section}.{name}")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+            _check_model(registry, conf, f"{section}.{name}")
     if "images" in config.get("local_features", {}):
         raise ConfigError("local_features: 'images' is reserved (it names the inputs of image-input matchers)")
     for name, method in config.get("rerank_methods", {}).items():
@@ -103,12 +88,21 @@ def check_config(config: dict) -> dict:
     return config
 
 
+def _check_model(registry, conf: dict, where: str) -> None:
+    """A model conf names a registered model and only its options, in range."""
+    try:
+        registry.get(conf["name"])
+    except ValueError as e:  # the registry lists the known names
+        raise ConfigError(f"{where}.name: {e}") from None
+    try:
+        registry.full_conf(conf, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_method_kinds(name: str, method: dict, config: dict) -> None:
     """The matcher's inputs fit the features entry; the scorer reads what the matcher writes."""
-    from .matchers import get_matcher_class
-    from .scorers import REGISTRY as SCORERS
-
-    matcher = get_matcher_class(config["matchers"][method["matcher"]]["name"])
+    matcher = MATCHERS.get(config["matchers"][method["matcher"]]["name"])
     scorer = SCORERS.get(config["scorers"][method["scorer"]]["name"])
     if matcher.inputs == "images" and method.get("features") is not None:
         raise ConfigError(f"rerank_methods.{name}: matcher {method['matcher']!r} reads images; set features: null")

@@ -45,14 +45,6 @@ def choose_factory(n: int, dim: int, index: str = "auto", nlist: int | None = No
     return index
 
 
-def descriptor_dim(model_conf: dict) -> int:
-    """A global model's descriptor size from its conf (an upper bound where the conf does not say)."""
-    for key in ("dim", "fc_output_dim"):
-        if model_conf.get(key):
-            return int(model_conf[key])
-    return 2048
-
-
 def index_bytes(factory: str, n: int, dim: int) -> float:
     """Bytes an index of ``n`` vectors takes in memory (storage, ids, coarse centroids)."""
     if factory == "sharded":

@@ -48,10 +48,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .conf import conf_hash, merge_conf
+from .conf import conf_hash
 from .images import to_described_frame, to_original_frame
 from .io import atomic_path
-from .local_features import get_model_class
+from .local_features import REGISTRY as LOCAL
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ def split_conf(conf: dict) -> tuple[dict, dict]:
 
 def model_conf_full(model_conf: dict) -> dict:
     """An extractor's model conf with its class's defaults filled in."""
-    cls = get_model_class(model_conf["name"])
-    return merge_conf({**cls.base_conf, **cls.default_conf}, model_conf, f"local features {model_conf['name']}")
+    return LOCAL.full_conf(model_conf, f"local features {model_conf['name']}")
 
 
 def store_dir(base: str | Path, conf: dict) -> Path:

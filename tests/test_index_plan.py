@@ -6,7 +6,8 @@ import subprocess
 import pytest
 import yaml
 
-from pipeline.index_plan import choose_factory, descriptor_dim, index_bytes, memory_mb
+from pipeline.global_features import get_model_class
+from pipeline.index_plan import choose_factory, index_bytes, memory_mb
 
 from .conftest import REPO
 
@@ -30,9 +31,13 @@ def test_memory_follows_index_type_and_database_size():
 def test_index_bytes_and_dims():
     assert index_bytes("IVF1024,PQ64x8", 1000, 512) == 1000 * (64 + 8) + 1024 * 512 * 4
     assert index_bytes(choose_factory(2_800_000, 512), 1, 512) < 100 + 8192 * 512 * 4
-    assert descriptor_dim({"name": "cosplace", "fc_output_dim": 2048}) == 2048
-    assert descriptor_dim({"name": "vlad", "dim": 256}) == 256
-    assert descriptor_dim({"name": "other"}) == 2048
+    # each global model class says its descriptor size from a conf, without building the model
+    assert get_model_class("cosplace").descriptor_size({"name": "cosplace", "fc_output_dim": 2048}) == 2048
+    assert get_model_class("cosplace").descriptor_size({"name": "cosplace"}) == 512  # the default
+    assert get_model_class("vlad").descriptor_size({"name": "vlad", "dim": 256}) == 256
+    assert get_model_class("vlad").descriptor_size({"name": "vlad", "dim": None, "n_clusters": 8}) == 8 * 128  # SIFT
+    with pytest.raises(ValueError, match="unknown option"):
+        get_model_class("vlad").descriptor_size({"name": "vlad", "dims": 256})
 
 
 def test_gpu_and_runtime_requests_reach_the_jobs(tmp_path):

@@ -14,13 +14,5 @@ MODELS = {
     "cosplace": ("pipeline.global_features.cosplace", "CosPlace"),
     "vlad": ("pipeline.global_features.vlad", "VLAD"),
 }
-REGISTRY = Registry("global model", MODELS)
-
-
-def get_model_class(name: str) -> type[GlobalModel]:
-    return REGISTRY.get(name)
-
-
-def build_model(conf: dict) -> GlobalModel:
-    """Build the model named by ``conf['name']`` with the rest of ``conf``."""
-    return REGISTRY.build(conf)
+REGISTRY = Registry("global model", MODELS, GlobalModel)
+get_model_class, build_model = REGISTRY.get, REGISTRY.build

@@ -38,6 +38,16 @@ class GlobalModel(nn.Module):
     def dim(self) -> int:
         raise NotImplementedError
 
+    @classmethod
+    def descriptor_size(cls, conf: dict | None = None) -> int:
+        """The descriptor size a model with ``conf`` gives, known without building it (the
+        workflow plans the index's memory by it); an upper bound where the data decide."""
+        return cls._descriptor_size(merge_conf({**cls.base_conf, **cls.default_conf}, conf, cls.__name__))
+
+    @classmethod
+    def _descriptor_size(cls, conf: dict) -> int:
+        raise NotImplementedError(f"{cls.__name__} does not say its descriptor size")
+
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

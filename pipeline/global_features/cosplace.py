@@ -142,6 +142,10 @@ class CosPlace(GlobalModel):
     def dim(self) -> int:
         return int(self.conf["fc_output_dim"])
 
+    @classmethod
+    def _descriptor_size(cls, conf: dict) -> int:
+        return int(conf["fc_output_dim"])
+
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"CosPlace expects images [B, 3, H, W], got {tuple(images.shape)}")

@@ -55,6 +55,12 @@ class VLAD(GlobalModel):
             return self.pca_proj.shape[0]
         return self.centroids.numel()
 
+    @classmethod
+    def _descriptor_size(cls, conf: dict) -> int:
+        if conf["dim"]:  # the PCA's output (fewer if it was fitted on fewer images)
+            return int(conf["dim"])
+        return int(conf["n_clusters"]) * build_local(conf["local"] or {"name": "sift"}).descriptor_dim
+
     # --- VLAD ---------------------------------------------------------------------
     def _raw_vlad(self, desc: torch.Tensor) -> torch.Tensor:
         """Un-projected, L2-normalised VLAD of one image's descriptors ``[N, D]``."""

@@ -22,12 +22,5 @@ MODELS = {
     "patchnetvlad": ("pipeline.local_features.patchnetvlad", "PatchNetVLAD"),
     "transvpr": ("pipeline.local_features.transvpr", "TransVPR"),
 }
-REGISTRY = Registry("local feature", MODELS)
-
-
-def get_model_class(name: str) -> type[LocalModel]:
-    return REGISTRY.get(name)
-
-
-def build_model(conf: dict) -> LocalModel:
-    return REGISTRY.build(conf)
+REGISTRY = Registry("local feature", MODELS, LocalModel)
+get_model_class, build_model = REGISTRY.get, REGISTRY.build

@@ -14,12 +14,5 @@ MODELS = {
     "rrt": ("pipeline.matchers.rrt", "RRT"),
     "cvnet": ("pipeline.matchers.cvnet", "CVNet"),
 }
-REGISTRY = Registry("matcher", MODELS)
-
-
-def get_matcher_class(name: str) -> type[Matcher]:
-    return REGISTRY.get(name)
-
-
-def build_matcher(conf: dict) -> Matcher:
-    return REGISTRY.build(conf)
+REGISTRY = Registry("matcher", MODELS, Matcher)
+get_matcher_class, build_matcher = REGISTRY.get, REGISTRY.build

@@ -12,8 +12,5 @@ MODELS = {
     "match_count": ("pipeline.scorers.count", "MatchCount"),
     "pair_score": ("pipeline.scorers.pair", "PairScore"),
 }
-REGISTRY = Registry("scorer", MODELS)
-
-
-def build_scorer(conf: dict) -> Scorer:
-    return REGISTRY.build(conf)
+REGISTRY = Registry("scorer", MODELS, Scorer)
+get_scorer_class, build_scorer = REGISTRY.get, REGISTRY.build

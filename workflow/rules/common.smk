@@ -7,7 +7,8 @@ import time
 sys.path.insert(0, workflow.basedir)  # the package, also when it is not pip-installed
 from pipeline.config import check_config
 from pipeline.global_store import num_shards
-from pipeline.index_plan import descriptor_dim, memory_mb
+from pipeline.global_features import get_model_class as global_model_class
+from pipeline.index_plan import memory_mb
 from pipeline.datasets.index import read_table
 
 check_config(config)
@@ -39,9 +40,7 @@ def alternation(names):
 EXTRACTED = [m for m, c in GMETHODS.items() if "model" in c]
 IMPORTED = [m for m, c in GMETHODS.items() if "import" in c]
 def _needs_fit(method):
-    from pipeline.global_features import get_model_class
-
-    return get_model_class(GMETHODS[method]["model"]["name"]).needs_fit
+    return global_model_class(GMETHODS[method]["model"]["name"]).needs_fit
 
 
 # global methods whose model is fitted on the database first (the class says so: needs_fit)
@@ -118,7 +117,9 @@ def table_size(dataset, split="database"):
 def index_mem_mb(w, stage):
     """mem_mb of build_index / search: from the database size, descriptor size and index type."""
     r = config["retrieval"]
-    return memory_mb(stage, table_size(w.dataset), descriptor_dim(GMETHODS[w.gmethod]["model"]), r["index"],
+    model = GMETHODS[w.gmethod]["model"]
+    dim = global_model_class(model["name"]).descriptor_size(model)
+    return memory_mb(stage, table_size(w.dataset), dim, r["index"],
                      r["k"], r["nlist"], r["m"], r["nbits"], r["train_size"], r["chunk_size"], r["rescore"],
                      table_size(w.dataset, "queries") or 100_000)
 
