@@ -29,5 +29,5 @@ rule all:
         all_results(),
         # methods run with random checkpoints (weights under work_dir/random_weights) are
         # built only when asked for by name: their recalls mean nothing
-        [f"{RESULTS}/{d}/{m}.csv" for d in DATASETS for m in RERANK if rerank_available(d, m)
+        [results_file(d, m) for d in DATASETS for m in RERANK if rerank_available(d, m)
          and not method_random_weights(m)],

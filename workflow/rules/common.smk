@@ -1,4 +1,5 @@
-# Shared helpers: paths, method lookups, the command prefix. No logic beyond lookups.
+# Shared helpers: method lookups, the command prefix, the rebuild stamps. No logic beyond lookups;
+# every path comes from paths.smk.
 import json
 import shlex
 import sys
@@ -17,6 +18,11 @@ WORK = config["work_dir"]
 RESULTS = config["results_dir"]
 DATASETS = config["datasets"]
 GMETHODS = config["global_methods"]
+
+
+include: "paths.smk"
+
+
 # every rule runs the package's CLI, with the workflow folder on the path
 PY = (f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} python -m pipeline"
       f" --max-pixels {int(config['max_pixels'])}")
@@ -71,11 +77,16 @@ def rebuild_if_inputs_missing(output, inputs):
     intermediate input is gone. Deleting, say, one database shard should re-run
     that shard and everything built from it: a stamp with new content makes the
     job out of date, and re-running it needs, and so re-makes, the missing input. The stamp
-    is always an input, so the set of inputs Snakemake records never changes.
+    is always an input, so the set of inputs Snakemake records never changes. Under
+    ``snakemake -n`` nothing is written: the job gets a stamp that does not exist yet, so the
+    dry run lists the same jobs the run will do (plus that stamp's own ``stamp`` job).
     """
     inputs = list(inputs)
-    stamp = f"{WORK}/stamps/{output}.stamp"
+    stamp = stamp_file(output)
     if os.path.exists(output) and os.path.exists(stamp) and not all(os.path.exists(p) for p in inputs):
+        if workflow.dryrun:
+            # -n writes nothing: a stamp still to be made (by rule stamp) shows the rebuild instead
+            return inputs + [stamp_file(f"{output}.inputs-missing")]
         # new content, not just a new mtime: Snakemake ignores touched files whose checksum is unchanged
         missing = [p for p in inputs if not os.path.exists(p)]
         with open(stamp, "w") as f:
@@ -98,16 +109,15 @@ def database_shards(wildcards):
     """All database shard stores of a dataset/method (known once the index exists)."""
     table = checkpoints.index_dataset.get(dataset=wildcards.dataset).output.database
     n = num_shards(len(read_table(table)), config["retrieval"]["shard_size"])
-    gdir = f"{WORK}/{wildcards.dataset}/global/{wildcards.gmethod}"
-    shards = [f"{gdir}/database/shard_{i:04d}.zarr" for i in range(n)]
+    shards = [shard_store(wildcards.dataset, wildcards.gmethod, f"{i:04d}") for i in range(n)]
     if not config["retrieval"]["keep_shards"]:  # deleted on purpose: no rebuild when they are gone
         return shards
-    return rebuild_if_inputs_missing(f"{gdir}/database.zarr", shards)
+    return rebuild_if_inputs_missing(database_store(wildcards.dataset, wildcards.gmethod), shards)
 
 
 def table_size(dataset, split="database"):
     """Images of a dataset's split (once it is indexed), else None."""
-    table = f"{WORK}/{dataset}/index/{split}.csv"
+    table = index_table(dataset, split)
     if not os.path.exists(table):
         return None
     with open(table) as f:
@@ -132,12 +142,12 @@ def available(dataset, method):
 
 
 def all_results():
-    return [f"{RESULTS}/{d}/{m}.csv" for d in DATASETS for m in GMETHODS if available(d, m)]
+    return [results_file(d, m) for d in DATASETS for m in GMETHODS if available(d, m)]
 
 
 rule stamp:
     """The marker of rebuild_if_inputs_missing."""
     output:
-        f"{WORK}/stamps/{{path}}.stamp",
+        stamp_file("{path}"),
     shell:
         "touch {output:q}"

@@ -6,7 +6,7 @@ def dataset_ready(wildcards):
     ds = DATASETS[wildcards.dataset]
     ready = [f"{ds['root']}/synthetic.json"] if ds.get("synthetic") is not None else []
     if ds.get("nightset"):  # a verified night query set: built by workflow/rules/nightset.smk
-        ready.append(f"{WORK}/nightsets/{ds['nightset']}/dataset/counts.json")
+        ready.append(nightset_file(ds["nightset"], "dataset/counts.json"))
     return ready + ([ds["positions"]] if ds.get("positions") else [])
 
 
@@ -27,7 +27,7 @@ for _name, _ds in DATASETS.items():
                 root=_ds["root"],
                 conf=json.dumps(_ds["synthetic"], sort_keys=True),
             log:
-                f"{WORK}/logs/synthetic_{_name}.log",
+                log_file(f"synthetic_{_name}"),
             conda:
                 CONDA_ENV
             shell:
@@ -38,17 +38,17 @@ checkpoint index_dataset:
     input:
         dataset_ready,
     output:
-        database=f"{WORK}/{{dataset}}/index/database.csv",
-        queries=f"{WORK}/{{dataset}}/index/queries.csv",
-        skipped=f"{WORK}/{{dataset}}/index/skipped.csv",
-        summary=f"{WORK}/{{dataset}}/index/summary.json",
+        database=index_table("{dataset}", "database"),
+        queries=index_table("{dataset}", "queries"),
+        skipped=index_table("{dataset}", "skipped"),
+        summary=index_summary_file("{dataset}"),
     params:
         root=dataset_root,
         on_bad_name=lambda w: DATASETS[w.dataset]["on_bad_name"],
         out=lambda w, output: os.path.dirname(output.database),
         positions=positions_arg,
     log:
-        f"{WORK}/logs/index_{{dataset}}.log",
+        log_file("index_{dataset}"),
     threads: 4
     resources:
         mem_mb=4000,

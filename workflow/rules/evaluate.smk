@@ -3,22 +3,22 @@
 
 def index_tables(w):
     """Datasets with a positions CSV are evaluated with their index tables (names carry no position)."""
-    return [f"{WORK}/{w.dataset}/index/summary.json"] if DATASETS[w.dataset].get("positions") else []
+    return [index_summary_file(w.dataset)] if DATASETS[w.dataset].get("positions") else []
 
 
 def index_summary(dataset):
     """The index summary of a dataset with images (query counts for the results); none for
     datasets that only import top-k files."""
-    return [f"{WORK}/{dataset}/index/summary.json"] if DATASETS[dataset].get("root") else []
+    return [index_summary_file(dataset)] if DATASETS[dataset].get("root") else []
 
 
 rule results:
     input:
-        topk=lambda w: rebuild_if_inputs_missing(f"{RESULTS}/{w.dataset}/{w.gmethod}.csv", [f"{WORK}/{w.dataset}/topk/{w.gmethod}.h5"]),
+        topk=lambda w: rebuild_if_inputs_missing(results_file(w.dataset, w.gmethod), [topk_file(w.dataset, w.gmethod)]),
         index=index_tables,
         summary=lambda w: index_summary(w.dataset),
     output:
-        f"{RESULTS}/{{dataset}}/{{gmethod}}.csv",
+        results_file("{dataset}", "{gmethod}"),
     wildcard_constraints:
         gmethod=alternation(GMETHODS),
     params:
@@ -28,7 +28,7 @@ rule results:
         index=lambda w, input: f"--index-dir {shlex.quote(os.path.dirname(input.index[0]))}" if input.index else "",
         summary=lambda w, input: f"--index-summary {shlex.quote(input.summary[0])}" if input.summary else "",
     log:
-        f"{WORK}/logs/results_{{dataset}}_{{gmethod}}.log",
+        log_file("results_{dataset}_{gmethod}"),
     conda:
         CONDA_ENV
     shell:

@@ -1,10 +1,7 @@
 # Stage 1: global descriptors (sharded, resumable) -> FAISS index -> top-k lists.
 
-GDIR = f"{WORK}/{{dataset}}/global/{{gmethod}}"
-
-
 def fit_state(wildcards):
-    return [f"{WORK}/{wildcards.dataset}/global/{wildcards.gmethod}/fit.pt"] if wildcards.gmethod in FITTED else []
+    return [fit_file(wildcards.dataset, wildcards.gmethod)] if wildcards.gmethod in FITTED else []
 
 
 def fit_arg(wildcards, input):
@@ -14,17 +11,17 @@ def fit_arg(wildcards, input):
 rule fit_global:
     """Fit a global model's codebook/PCA (VLAD) on a sample of database images."""
     input:
-        table=f"{WORK}/{{dataset}}/index/database.csv",
+        table=index_table("{dataset}", "database"),
         checked=lambda w: [ancient(p) for p in weights_check("global", w.gmethod)],  # order only
     output:
-        f"{GDIR}/fit.pt",
+        fit_file("{dataset}", "{gmethod}"),
     wildcard_constraints:
         gmethod=alternation(FITTED),
     params:
         root=dataset_root,
         conf=lambda w: method_json(w.gmethod),
     log:
-        f"{WORK}/logs/fit_{{dataset}}_{{gmethod}}.log",
+        log_file("fit_{dataset}_{gmethod}"),
     threads: 2
     resources:
         gpu=GPUS,
@@ -40,11 +37,11 @@ rule fit_global:
 rule extract_database_shard:
     """Global descriptors of one shard (retrieval.shard_size images) of the database."""
     input:
-        table=f"{WORK}/{{dataset}}/index/database.csv",
+        table=index_table("{dataset}", "database"),
         fit=fit_state,
         checked=lambda w: [ancient(p) for p in weights_check("global", w.gmethod)],  # order only
     output:
-        shard_output(directory(f"{GDIR}/database/shard_{{shard}}.zarr")),
+        shard_output(directory(shard_store("{dataset}", "{gmethod}", "{shard}"))),
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
@@ -53,7 +50,7 @@ rule extract_database_shard:
         shard_size=config["retrieval"]["shard_size"],
         fit=fit_arg,
     log:
-        f"{WORK}/logs/extract_{{dataset}}_{{gmethod}}_database_{{shard}}.log",
+        log_file("extract_{dataset}_{gmethod}_database_{shard}"),
     threads: 2
     resources:
         gpu=GPUS,
@@ -70,11 +67,11 @@ rule extract_database_shard:
 rule extract_queries:
     """Global descriptors of all queries (one store)."""
     input:
-        table=f"{WORK}/{{dataset}}/index/queries.csv",
+        table=index_table("{dataset}", "queries"),
         fit=fit_state,
         checked=lambda w: [ancient(p) for p in weights_check("global", w.gmethod)],  # order only
     output:
-        directory(f"{GDIR}/queries.zarr"),
+        directory(queries_store("{dataset}", "{gmethod}")),
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
@@ -82,7 +79,7 @@ rule extract_queries:
         conf=lambda w: method_json(w.gmethod),
         fit=fit_arg,
     log:
-        f"{WORK}/logs/extract_{{dataset}}_{{gmethod}}_queries.log",
+        log_file("extract_{dataset}_{gmethod}_queries"),
     threads: 2
     resources:
         gpu=GPUS,
@@ -101,14 +98,14 @@ rule gather_database:
     input:
         database_shards,
     output:
-        directory(f"{GDIR}/database.zarr"),
+        directory(database_store("{dataset}", "{gmethod}")),
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
         chunk_rows=config["retrieval"]["gather_chunk_rows"],
         shards=lambda w, input: " ".join(shlex.quote(p) for p in input if p.endswith(".zarr")),
     log:
-        f"{WORK}/logs/gather_{{dataset}}_{{gmethod}}.log",
+        log_file("gather_{dataset}_{gmethod}"),
     resources:
         mem_mb=2000,
         runtime=60,
@@ -118,18 +115,17 @@ rule gather_database:
         "{PY} gather-global --out {output:q} --chunk-rows {params.chunk_rows} {params.shards} 2> {log:q}"
 
 
-def database_store(w):
-    gdir = f"{WORK}/{w.dataset}/global/{w.gmethod}"
-    return rebuild_if_inputs_missing(f"{gdir}/faiss.index", [f"{gdir}/database.zarr"])
+def index_inputs(w):
+    return rebuild_if_inputs_missing(faiss_index(w.dataset, w.gmethod), [database_store(w.dataset, w.gmethod)])
 
 
 rule build_index:
     """FAISS index over the database store (type chosen by size, or retrieval.index)."""
     input:
-        database_store,
+        index_inputs,
     output:
-        index=f"{GDIR}/faiss.index",
-        names=f"{GDIR}/faiss.index.json",
+        index=faiss_index("{dataset}", "{gmethod}"),
+        names=faiss_index("{dataset}", "{gmethod}") + ".json",
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
@@ -139,7 +135,7 @@ rule build_index:
             for k in ("nlist", "m", "nbits", "train_size", "chunk_size", "gpu") if config["retrieval"].get(k) is not None
         ),
     log:
-        f"{WORK}/logs/faiss_{{dataset}}_{{gmethod}}.log",
+        log_file("faiss_{dataset}_{gmethod}"),
     resources:
         mem_mb=lambda w: index_mem_mb(w, "build"),
         runtime=120,
@@ -150,11 +146,8 @@ rule build_index:
 
 
 def search_inputs(w):
-    gdir = f"{WORK}/{w.dataset}/global/{w.gmethod}"
-    return rebuild_if_inputs_missing(
-        f"{WORK}/{w.dataset}/topk/{w.gmethod}.h5",
-        [f"{gdir}/faiss.index", f"{gdir}/queries.zarr", f"{gdir}/database.zarr"],
-    )
+    d, g = w.dataset, w.gmethod
+    return rebuild_if_inputs_missing(topk_file(d, g), [faiss_index(d, g), queries_store(d, g), database_store(d, g)])
 
 
 rule search:
@@ -162,7 +155,7 @@ rule search:
     input:
         search_inputs,
     output:
-        f"{WORK}/{{dataset}}/topk/{{gmethod}}.h5",
+        topk_file("{dataset}", "{gmethod}"),
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
@@ -172,7 +165,7 @@ rule search:
         rescore=config["retrieval"]["rescore"],
         meta=lambda w: json.dumps({"method": w.gmethod, "dataset": w.dataset, "conf": GMETHODS[w.gmethod]}),
     log:
-        f"{WORK}/logs/search_{{dataset}}_{{gmethod}}.log",
+        log_file("search_{dataset}_{gmethod}"),
     resources:
         mem_mb=lambda w: index_mem_mb(w, "search"),
         runtime=60,
@@ -189,13 +182,13 @@ rule import_topk:
     input:
         lambda w: GMETHODS[w.gmethod]["import"][w.dataset],
     output:
-        f"{WORK}/{{dataset}}/topk/{{gmethod}}.h5",
+        topk_file("{dataset}", "{gmethod}"),
     wildcard_constraints:
         gmethod=alternation(IMPORTED),
     params:
         k=config["retrieval"]["k"],
     log:
-        f"{WORK}/logs/import_{{dataset}}_{{gmethod}}.log",
+        log_file("import_{dataset}_{gmethod}"),
     conda:
         CONDA_ENV
     shell:

@@ -8,7 +8,7 @@ NIGHTSETS = config.get("nightsets", {})
 
 
 def nbuild(w):
-    return f"{WORK}/nightsets/{w.nightset}"
+    return nightset_dir(w.nightset)
 
 
 def ns_db_root(w):
@@ -25,19 +25,19 @@ def collect_args(w):
 
 
 def relabel_log(w):
-    log = f"{WORK}/nightsets/{w.nightset}/relabel/log.jsonl"
+    log = nightset_file(w.nightset, "relabel/log.jsonl")
     return [log] if os.path.exists(log) else []
 
 
 rule nightset_collect:
     """Geotagged photos of the area (Flickr photos.search; FLICKR_API_KEY from the environment)."""
     output:
-        f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
+        nightset_file("{nightset}", "collected/photos.csv"),
     params:
         build=nbuild,
         args=collect_args,
     log:
-        f"{WORK}/logs/nightset_collect_{{nightset}}.log",
+        log_file("nightset_collect_{nightset}"),
     conda:
         CONDA_ENV
     shell:
@@ -53,10 +53,10 @@ def filter_model_files(w):
 rule nightset_filter:
     """Outdoor and night classifiers -> filtered.csv."""
     input:
-        photos=f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
+        photos=nightset_file("{nightset}", "collected/photos.csv"),
         models=filter_model_files,
     output:
-        f"{WORK}/nightsets/{{nightset}}/filtered.csv",
+        nightset_file("{nightset}", "filtered.csv"),
     params:
         src=lambda w: f"{nbuild(w)}/collected",
         args=lambda w: " ".join(
@@ -64,7 +64,7 @@ rule nightset_filter:
             for k, v in sorted(NIGHTSETS[w.nightset].get("filter", {}).items())
         ),
     log:
-        f"{WORK}/logs/nightset_filter_{{nightset}}.log",
+        log_file("nightset_filter_{nightset}"),
     threads: 2
     conda:
         CONDA_ENV
@@ -75,15 +75,15 @@ rule nightset_filter:
 rule nightset_dedupe:
     """Near-identical shots of the same place -> dedup.csv (one kept per group)."""
     input:
-        photos=f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
-        filtered=f"{WORK}/nightsets/{{nightset}}/filtered.csv",
+        photos=nightset_file("{nightset}", "collected/photos.csv"),
+        filtered=nightset_file("{nightset}", "filtered.csv"),
     output:
-        f"{WORK}/nightsets/{{nightset}}/dedup.csv",
+        nightset_file("{nightset}", "dedup.csv"),
     params:
         src=lambda w: f"{nbuild(w)}/collected",
         conf=lambda w: json.dumps(NIGHTSETS[w.nightset].get("dedupe", {}), sort_keys=True),
     log:
-        f"{WORK}/logs/nightset_dedupe_{{nightset}}.log",
+        log_file("nightset_dedupe_{nightset}"),
     threads: 2
     conda:
         CONDA_ENV
@@ -95,17 +95,17 @@ rule nightset_dedupe:
 rule nightset_labels:
     """labels.csv replayed from the relabel tool's decision log (every photo unreviewed without one)."""
     input:
-        dedup=f"{WORK}/nightsets/{{nightset}}/dedup.csv",
-        photos=f"{WORK}/nightsets/{{nightset}}/collected/photos.csv",
-        db=lambda w: f"{WORK}/{NIGHTSETS[w.nightset]['database']}/index/database.csv",
+        dedup=nightset_file("{nightset}", "dedup.csv"),
+        photos=nightset_file("{nightset}", "collected/photos.csv"),
+        db=lambda w: index_table(NIGHTSETS[w.nightset]["database"], "database"),
         log=relabel_log,
     output:
-        f"{WORK}/nightsets/{{nightset}}/relabel/labels.csv",
+        nightset_file("{nightset}", "relabel/labels.csv"),
     params:
         build=nbuild,
         db_root=ns_db_root,
     log:
-        f"{WORK}/logs/nightset_labels_{{nightset}}.log",
+        log_file("nightset_labels_{nightset}"),
     conda:
         CONDA_ENV
     shell:
@@ -116,18 +116,18 @@ rule nightset_labels:
 rule nightset_verify:
     """Queries with a database image within threshold_m, in the VG layout, and the counts of every step."""
     input:
-        labels=f"{WORK}/nightsets/{{nightset}}/relabel/labels.csv",
-        db=lambda w: f"{WORK}/{NIGHTSETS[w.nightset]['database']}/index/summary.json",
+        labels=nightset_file("{nightset}", "relabel/labels.csv"),
+        db=lambda w: index_summary_file(NIGHTSETS[w.nightset]["database"]),
     output:
-        f"{WORK}/nightsets/{{nightset}}/dataset/counts.json",
+        nightset_file("{nightset}", "dataset/counts.json"),
     params:
         build=nbuild,
         db_root=ns_db_root,
-        db_index=lambda w: f"{WORK}/{NIGHTSETS[w.nightset]['database']}/index",
-        out=lambda w: f"{nbuild(w)}/dataset",
+        db_index=lambda w: index_dir(NIGHTSETS[w.nightset]["database"]),
+        out=lambda w: nightset_dataset(w.nightset),
         threshold=lambda w: NIGHTSETS[w.nightset]["threshold_m"],
     log:
-        f"{WORK}/logs/nightset_verify_{{nightset}}.log",
+        log_file("nightset_verify_{nightset}"),
     conda:
         CONDA_ENV
     shell:

@@ -10,8 +10,8 @@ def report_methods(dataset):
 def report_spec():
     datasets = {}
     for d in DATASETS:
-        results = [f"{RESULTS}/{d}/{m}.csv" for m in GMETHODS if available(d, m)]
-        results += [f"{RESULTS}/{d}/{m}.csv" for m in report_methods(d)]
+        results = [results_file(d, m) for m in GMETHODS if available(d, m)]
+        results += [results_file(d, m) for m in report_methods(d)]
         if not results:
             continue
         methods = {}
@@ -19,13 +19,13 @@ def report_spec():
             c = RERANK[m]
             methods[m] = {
                 "retrieval_topk": topk_file(d, c["retrieval"]),
-                "reranked_topk": f"{WORK}/{d}/rerank/{m}.h5",
-                "features": f"{WORK}/{d}/local/{c['features']}.json" if c["features"] else None,
-                "matches": f"{WORK}/{d}/matches/{c['retrieval']}/{features_part(c)}+{c['matcher']}.h5",
+                "reranked_topk": rerank_file(d, m),
+                "features": features_file(d, c["features"]) if c["features"] else None,
+                "matches": matches_file(d, c["retrieval"], features_part(c), c["matcher"]),
                 "scorer": config["scorers"][c["scorer"]],
             }
         root = DATASETS[d].get("root")
-        datasets[d] = {"root": root, "index_dir": f"{WORK}/{d}/index" if root else None,
+        datasets[d] = {"root": root, "index_dir": index_dir(d) if root else None,
                        "results": results, "methods": methods}
     return {"threshold_m": config["evaluation"]["threshold_m"], "n_queries": 4, "datasets": datasets}
 
@@ -39,14 +39,11 @@ rule dataset_summary:
     input:
         lambda w: dataset_results(w.dataset),
     output:
-        f"{RESULTS}/{{dataset}}/summary.csv",
-        f"{RESULTS}/{{dataset}}/summary_table.csv",
-        f"{RESULTS}/{{dataset}}/summary.md",
-        f"{RESULTS}/{{dataset}}/summary.html",
+        summary_files("{dataset}"),
     params:
-        out=lambda w: f"{RESULTS}/{w.dataset}",
+        out=lambda w: os.path.dirname(summary_files(w.dataset)[0]),
     log:
-        f"{WORK}/logs/summary_{{dataset}}.log",
+        log_file("summary_{dataset}"),
     conda:
         CONDA_ENV
     shell:
@@ -55,7 +52,7 @@ rule dataset_summary:
 
 def report_inputs(wildcards):
     spec = report_spec()
-    files = [f"{RESULTS}/{d}/summary.csv" for d in spec["datasets"]]
+    files = [summary_files(d)[0] for d in spec["datasets"]]
     for ds in spec["datasets"].values():
         files += ds["results"]
         for c in ds["methods"].values():
@@ -68,12 +65,12 @@ rule reports:
     input:
         report_inputs,
     output:
-        f"{RESULTS}/report/index.html",
+        f"{report_folder()}/index.html",
     params:
         spec=lambda w: json.dumps(report_spec(), sort_keys=True),
-        out=f"{RESULTS}/report",
+        out=report_folder(),
     log:
-        f"{WORK}/logs/reports.log",
+        log_file("reports"),
     conda:
         CONDA_ENV
     shell:

@@ -11,7 +11,7 @@ def random_weights(conf):
     """Weight files of a conf that are random checkpoints this workflow makes (rule random_weights)."""
     from pipeline.random_weights import weight_paths
 
-    return [p for p in weight_paths(conf) if p.startswith(f"{WORK}/random_weights/")]
+    return [p for p in weight_paths(conf) if p.startswith(random_weights_dir() + "/")]
 
 
 def method_random_weights(method):
@@ -26,10 +26,6 @@ def features_part(c):
 
 def rerank_available(dataset, method):
     return bool(DATASETS[dataset].get("root")) and available(dataset, RERANK[method]["retrieval"])
-
-
-def topk_file(dataset, gmethod):
-    return f"{WORK}/{dataset}/topk/{gmethod}.h5"
 
 
 def features_users(dataset, features):
@@ -49,7 +45,8 @@ def match_k(retrieval, features, matcher):
 
 
 def resolver_args(wildcards):
-    return f"--root {shlex.quote(DATASETS[wildcards.dataset]['root'])} --index-dir {shlex.quote(f'{WORK}/{wildcards.dataset}/index')}"
+    return (f"--root {shlex.quote(DATASETS[wildcards.dataset]['root'])}"
+            f" --index-dir {shlex.quote(index_dir(wildcards.dataset))}")
 
 
 def checked_conf(kind, name):
@@ -63,7 +60,7 @@ def weights_check(kind, name):
     """The stamp of check_weights for an entry with weight files (none without)."""
     from pipeline.random_weights import weight_paths
 
-    return [f"{WORK}/checks/weights/{kind}/{name}.json"] if weight_paths(checked_conf(kind, name)) else []
+    return [weights_check_file(kind, name)] if weight_paths(checked_conf(kind, name)) else []
 
 
 SECTION = {"local": "local_features", "matcher": "matchers", "global": "global_methods"}
@@ -76,7 +73,7 @@ rule check_weights:
     input:
         weights=lambda w: random_weights(checked_conf(w.kind, w.name)),
     output:
-        f"{WORK}/checks/weights/{{kind}}/{{name}}.json",
+        weights_check_file("{kind}", "{name}"),
     wildcard_constraints:
         kind="local|matcher|global",
     params:
@@ -84,7 +81,7 @@ rule check_weights:
         what=lambda w: f"{SECTION[w.kind]}.{w.name}" + (".model" if w.kind == "global" else ""),
     priority: 100
     log:
-        f"{WORK}/logs/check_weights_{{kind}}_{{name}}.log",
+        log_file("check_weights_{kind}_{name}"),
     conda:
         CONDA_ENV
     shell:
@@ -96,20 +93,20 @@ rule extract_local:
     """Local features of the queries and the union of their top-K candidates (each image once)."""
     input:
         topk=lambda w: [p for p, _ in features_users(w.dataset, w.features)],
-        index=f"{WORK}/{{dataset}}/index/summary.json",
+        index=index_summary_file("{dataset}"),
         weights=lambda w: random_weights(LOCAL[w.features]),
         checked=lambda w: [ancient(p) for p in weights_check("local", w.features)],  # order only, not mtime
     output:
-        f"{WORK}/{{dataset}}/local/{{features}}.json",
+        features_file("{dataset}", "{features}"),
     wildcard_constraints:
         features=alternation(LOCAL),
     params:
         conf=lambda w: json.dumps(LOCAL[w.features], sort_keys=True),
         topk=lambda w: " ".join(shlex.quote(f"{p}:{k}") for p, k in features_users(w.dataset, w.features)),
-        base=lambda w: f"{WORK}/{w.dataset}/local",
+        base=lambda w: features_base(w.dataset),
         resolver=resolver_args,
     log:
-        f"{WORK}/logs/local_{{dataset}}_{{features}}.log",
+        log_file("local_{dataset}_{features}"),
     threads: 2
     resources:
         gpu=GPUS,
@@ -125,9 +122,9 @@ rule extract_local:
 def match_inputs(w):
     named = {"topk": topk_file(w.dataset, w.retrieval)}
     if w.features != IMAGES:
-        named["features"] = f"{WORK}/{w.dataset}/local/{w.features}.json"
+        named["features"] = features_file(w.dataset, w.features)
     return {
-        **named_with_stamp(f"{WORK}/{w.dataset}/matches/{w.retrieval}/{w.features}+{w.matcher}.h5", named),
+        **named_with_stamp(matches_file(w.dataset, w.retrieval, w.features, w.matcher), named),
         "weights": random_weights(MATCHERS[w.matcher]),
         "checked": [ancient(p) for p in weights_check("matcher", w.matcher)],  # order only, not mtime
     }
@@ -142,7 +139,7 @@ rule match:
     input:
         unpack(match_inputs),
     output:
-        f"{WORK}/{{dataset}}/matches/{{retrieval}}/{{features}}+{{matcher}}.h5",
+        matches_file("{dataset}", "{retrieval}", "{features}", "{matcher}"),
     wildcard_constraints:
         retrieval=alternation(GMETHODS),
         features=alternation(list(LOCAL) + [IMAGES]),
@@ -153,9 +150,9 @@ rule match:
         resolver=resolver_args,
         features=lambda w, input: features_arg(input),
         # pair-keyed matches shared by every retrieval and K of this dataset (pipeline/match_store.py)
-        store=lambda w: f"{WORK}/{w.dataset}/matches/pairs",
+        store=lambda w: pair_stores(w.dataset),
     log:
-        f"{WORK}/logs/match_{{dataset}}_{{retrieval}}_{{features}}+{{matcher}}.log",
+        log_file("match_{dataset}_{retrieval}_{features}+{matcher}"),
     threads: 2
     resources:
         gpu=GPUS,
@@ -171,12 +168,12 @@ rule match:
 def score_inputs(w):
     c = RERANK[w.method]
     named = {
-        "matches": f"{WORK}/{w.dataset}/matches/{c['retrieval']}/{features_part(c)}+{c['matcher']}.h5",
+        "matches": matches_file(w.dataset, c["retrieval"], features_part(c), c["matcher"]),
         "topk": topk_file(w.dataset, c["retrieval"]),
     }
     if c["features"]:  # index matches need the keypoints; every method reports the extraction time
-        named["features"] = f"{WORK}/{w.dataset}/local/{c['features']}.json"
-    return named_with_stamp(f"{WORK}/{w.dataset}/rerank/{w.method}.h5", named)
+        named["features"] = features_file(w.dataset, c["features"])
+    return named_with_stamp(rerank_file(w.dataset, w.method), named)
 
 
 rule score:
@@ -184,7 +181,7 @@ rule score:
     input:
         unpack(score_inputs),
     output:
-        f"{WORK}/{{dataset}}/rerank/{{method}}.h5",
+        rerank_file("{dataset}", "{method}"),
     wildcard_constraints:
         method=alternation(RERANK),
     params:
@@ -194,7 +191,7 @@ rule score:
         resolver=resolver_args,
         features=lambda w, input: features_arg(input),
     log:
-        f"{WORK}/logs/score_{{dataset}}_{{method}}.log",
+        log_file("score_{dataset}_{method}"),
     threads: 2
     conda:
         CONDA_ENV
@@ -205,8 +202,8 @@ rule score:
 
 
 def rerank_results_inputs(w):
-    return {**named_with_stamp(f"{RESULTS}/{w.dataset}/{w.method}.csv", {
-        "reranked": f"{WORK}/{w.dataset}/rerank/{w.method}.h5",
+    return {**named_with_stamp(results_file(w.dataset, w.method), {
+        "reranked": rerank_file(w.dataset, w.method),
         "retrieval": topk_file(w.dataset, RERANK[w.method]["retrieval"]),
     }), "summary": index_summary(w.dataset)}
 
@@ -216,7 +213,7 @@ rule rerank_results:
     input:
         unpack(rerank_results_inputs),
     output:
-        f"{RESULTS}/{{dataset}}/{{method}}.csv",
+        results_file("{dataset}", "{method}"),
     wildcard_constraints:
         method=alternation(RERANK),
     params:
@@ -230,7 +227,7 @@ rule rerank_results:
         }, sort_keys=True),
         summary=lambda w, input: f"--index-summary {shlex.quote(input.summary[0])}" if input.summary else "",
     log:
-        f"{WORK}/logs/rerank_results_{{dataset}}_{{method}}.log",
+        log_file("rerank_results_{dataset}_{method}"),
     conda:
         CONDA_ENV
     shell:
@@ -242,11 +239,11 @@ rule rerank_results:
 rule random_weights:
     """A seeded random checkpoint in a model's official format, labelled as random (no weights ship here)."""
     output:
-        f"{WORK}/random_weights/{{model}}_seed{{seed}}.pth",
+        random_weights_file("{model}", "{seed}") + ".pth",
     wildcard_constraints:
         seed=r"\d+",
     log:
-        f"{WORK}/logs/random_weights_{{model}}_seed{{seed}}.log",
+        log_file("random_weights_{model}_seed{seed}"),
     conda:
         CONDA_ENV
     shell:
@@ -256,11 +253,11 @@ rule random_weights:
 rule random_weights_folder:
     """The same for models whose official format is a folder (DELG's TF SavedModel variables)."""
     output:
-        directory(f"{WORK}/random_weights/{{model}}_seed{{seed}}"),
+        directory(random_weights_file("{model}", "{seed}")),
     wildcard_constraints:
         seed=r"\d+",
     log:
-        f"{WORK}/logs/random_weights_{{model}}_seed{{seed}}.log",
+        log_file("random_weights_{model}_seed{seed}"),
     conda:
         CONDA_ENV
     shell:
