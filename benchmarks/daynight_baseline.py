@@ -3,14 +3,14 @@
 Day/night (``daynight_stats``): day street views (the synthetic generator's
 database) against night street views (its queries). Outdoor/indoor
 (``outdoor_stats``): the same street views against synthetic rooms
-(:func:`pipeline.nightset.classify.render_room`, half lit by day, half by night).
+(:func:`tests.nightset_images.render_room`, half lit by day, half by night).
 
 Two independent sets are generated (different seeds, so different streets and
 rooms): a *fit* set and a *test* set. On the test set the script prints, for each
 model, the accuracy and confusion matrix of the documented default coefficients
-and of coefficients fitted (:func:`fit_stats`) on the fit set, plus per-feature
-statistics (mean and std per class, and the AUC of the feature alone: 0.5 = no
-information, 0 or 1 = separates the classes by itself).
+and of coefficients fitted (:func:`pipeline.nightset.stats_models.fit_stats`) on the
+fit set, plus per-feature statistics (mean and std per class, and the AUC of the
+feature alone: 0.5 = no information, 0 or 1 = separates the classes by itself).
 
     python benchmarks/daynight_baseline.py                 # 200 day + 200 night + 200 rooms per set
     python benchmarks/daynight_baseline.py --n 100 --mobilenet --json out.json
@@ -45,14 +45,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.nightset.classify import (  # noqa: E402
-    MobileNetClassifier,
-    build_classifier,
-    fit_stats,
-    make_labelled_images,
-    read_photo,
-    train,
-)
+from pipeline.nightset.classify import build_classifier  # noqa: E402
+from pipeline.nightset.mobilenet import MobileNetClassifier, train  # noqa: E402
+from pipeline.nightset.photos import read_photo  # noqa: E402
+from pipeline.nightset.stats_models import fit_stats  # noqa: E402
+from tests.nightset_images import make_labelled_images  # noqa: E402
 
 
 def auc(x: np.ndarray, y: np.ndarray) -> float:

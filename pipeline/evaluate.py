@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geodesy
+from .args import add_result_arguments
 from .datasets.names import BadNameError, Position, parse_name
 from .io import atomic_path
 from .topk import TopK, read_topk
@@ -136,8 +137,81 @@ def write_results(path, rows: list[dict]) -> None:
                                 (f"{v:.2f}" if isinstance(v, float) else v)) for k, v in r.items()})
 
 
+def results_row(topk: TopK, dataset: str, method: str, conf: dict, threshold: float, ns, positions=None,
+                index_summary: dict | None = None) -> dict:
+    """The results-CSV row of a retrieval top-k file: Recall@N, query counts and provenance
+    (the index type, the model's size settings and seed, the method's conf, an import's source)."""
+    row = {"dataset": dataset, "method": method,
+           **evaluate_topk(topk, threshold, ns, positions, index_summary)}
+    row["index"] = topk.meta.get("index", "")
+    model = conf.get("model", {})
+    row["resize"] = json.dumps(model.get("resize")) if model else ""
+    row["seed"] = model.get("seed", "") if model else ""
+    row["conf"] = conf
+    row["imported_from"] = topk.meta.get("imported_from", "")
+    return row
+
+
+def rerank_rows(retrieval: TopK, reranked: TopK, dataset: str, method: str, conf: dict, threshold: float, ns,
+                index_summary: dict | None = None) -> list[dict]:
+    """The results-CSV rows of a re-ranking method: its retrieval (``rerank_k`` 0), then the
+    method with its time per query (extraction + matching + scoring), weights label and the
+    size its model described the images at."""
+    from .random_weights import weights_label
+    from .rerank import input_size
+
+    meta = reranked.meta
+    common = {"dataset": dataset, "threshold_m": threshold}
+    match_s, score_s = meta["seconds_per_query_matching"], meta["seconds_per_query_scoring"]
+    extract_s = meta.get("seconds_per_query_extraction") or 0.0
+    return [
+        {"method": meta.get("retrieval", "retrieval"), **common,
+         **evaluate_topk(retrieval, threshold, ns, index_summary=index_summary),
+         "rerank_k": 0, "rerank_s_per_query": 0.0},
+        {"method": method, **common, **evaluate_topk(reranked, threshold, ns, index_summary=index_summary),
+         "rerank_k": meta["rerank_k"],
+         "rerank_s_per_query": extract_s + match_s + score_s, "extract_s_per_query": extract_s,
+         "match_s_per_query": match_s, "score_s_per_query": score_s,
+         "weights": weights_label(conf),
+         "input_size": input_size(conf.get("features"), conf["matcher"]) if "matcher" in conf else "",
+         "conf": conf},
+    ]
+
+
+def _summary(a) -> dict | None:
+    from .io import read_json
+
+    return read_json(a.index_summary) if a.index_summary else None
+
+
+def _results_arguments(p):
+    p.add_argument("--topk", required=True)
+    add_result_arguments(p)
+    p.add_argument("--index-dir", default=None, help="the dataset's index tables, for names without positions")
+
+
+def _results(a):
+    positions = index_positions(a.index_dir) if a.index_dir else None
+    row = results_row(read_topk(a.topk), a.dataset, a.method, a.conf, a.threshold, a.ns, positions, _summary(a))
+    write_results(a.out, [row])
+    print(format_table([row], a.ns))
+
+
+def _rerank_results_arguments(p):
+    p.add_argument("--retrieval", required=True, help="the retrieval top-k file")
+    p.add_argument("--reranked", required=True, help="the re-ranked top-k file")
+    add_result_arguments(p)
+
+
+def _rerank_results(a):
+    rows = rerank_rows(read_topk(a.retrieval), read_topk(a.reranked), a.dataset, a.method, a.conf, a.threshold,
+                       a.ns, _summary(a))
+    write_results(a.out, rows)
+    print(format_table(rows, a.ns))
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Recall@N of top-k files (ours or the thesis's stage-1 HDF5).")
+    p = argparse.ArgumentParser(prog="python -m pipeline evaluate", description="Recall@N of top-k files (ours or the thesis's stage-1 HDF5).")
     p.add_argument("topk", nargs="+", help="top-k HDF5 files")
     p.add_argument("--threshold", type=float, default=25.0, help="metres (default 25)")
     p.add_argument("--ns", type=int, nargs="+", default=list(DEFAULT_NS))
@@ -152,6 +226,11 @@ def main(argv=None):
     print(format_table(rows, a.ns))
     if a.out:
         write_results(a.out, rows)
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`); ``evaluate`` parses its own arguments
+COMMANDS = {"evaluate": main, "results": (_results_arguments, _results),
+            "rerank-results": (_rerank_results_arguments, _rerank_results)}
 
 
 if __name__ == "__main__":

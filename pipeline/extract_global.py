@@ -27,10 +27,11 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from .args import json_arg
 from .conf import conf_hash, file_hash
 from .datasets.index import read_table
 from .global_features import build_model
-from .global_store import STORE_VERSION, open_partial_store, write_names
+from .global_store import STORE_VERSION, open_partial_store, shard_range, write_names
 from .gpus import autocast_context, pick_device
 from .images import to_float
 from .io import atomic_path
@@ -234,3 +235,41 @@ def run_extract(method_conf: dict, root, names, out, fit_state=None, meta=None):
         chunk_size=ex.get("chunk_size", 1024), device=ex.get("device", "auto"),
         dtype=ex.get("dtype", "float32"), meta=meta, autocast=ex.get("autocast"),
     )
+
+
+def _fit_arguments(p):
+    p.add_argument("--conf", type=json_arg, required=True, help="global method conf (JSON)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--table", required=True, help="database index table")
+    p.add_argument("--out", required=True)
+
+
+def _fit(a):
+    ex = a.conf.get("extraction", {})
+    fit_global(a.conf["model"], a.root, a.table, a.out, ex.get("device", "auto"), ex.get("num_workers", 1))
+
+
+def _extract_arguments(p):
+    p.add_argument("--conf", type=json_arg, required=True, help="global method conf (JSON)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--table", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="")
+    p.add_argument("--dataset", default="")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=None)
+    p.add_argument("--fit-state", default=None)
+
+
+def _extract(a):
+    names = read_table(a.table).name.tolist()
+    meta = {"split": a.split, "dataset": a.dataset, "shard": a.shard, "shard_size": a.shard_size}
+    if a.shard_size:
+        start, stop = shard_range(len(names), a.shard_size, a.shard)
+        names = names[start:stop]
+        meta["rows"] = [start, stop]
+    run_extract(a.conf, a.root, names, a.out, a.fit_state, meta)
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"fit-global": (_fit_arguments, _fit), "extract-global": (_extract_arguments, _extract)}

@@ -21,6 +21,7 @@ import cv2
 import torch
 from tqdm import tqdm
 
+from .args import json_arg, topk_k_arg
 from .gpus import pick_device
 from .images import image_size, to_float, to_original_frame
 from .io import write_json
@@ -169,3 +170,27 @@ def _original_size(path: Path) -> tuple[int, int]:
     :func:`pipeline.images.read_image` reads it)."""
     width, height, _ = image_size(path)
     return width, height
+
+
+def _arguments(p):
+    p.add_argument("--conf", type=json_arg, required=True, help="extractor conf (JSON)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--index-dir", default=None, help="index tables (to find imported top-k names)")
+    p.add_argument("--topk", type=topk_k_arg, nargs="+", required=True, help="PATH:K top-k files and their K")
+    p.add_argument("--base", required=True, help="folder for the feature stores")
+    p.add_argument("--out", required=True, help="the store's index (JSON)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=1)
+
+
+def _run(a):
+    from .rerank import name_resolver, needed_images
+
+    resolve = name_resolver(a.root, a.index_dir)
+    names = needed_images(a.topk, resolve)
+    resolve.check(names)
+    write_json(a.out, extract_local(a.conf, a.root, names, a.base, a.device, a.num_workers))
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"extract-local": (_arguments, _run)}

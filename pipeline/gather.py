@@ -117,3 +117,16 @@ def gather_stores(shards: list[str | Path], out: str | Path, chunk_rows: int = 8
     logger.info("%s: %d descriptors (%d valid) gathered from %d shards", out, n, attrs["n_valid"], len(stores))
     return attrs
 
+
+def _gather_arguments(p):
+    p.add_argument("--out", required=True)
+    p.add_argument("--chunk-rows", type=int, default=8192)
+    p.add_argument("shards", nargs="+")
+
+
+def _gather(a):
+    gather_stores(a.shards, a.out, chunk_rows=a.chunk_rows)
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"gather-global": (_gather_arguments, _gather)}

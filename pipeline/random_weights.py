@@ -92,3 +92,18 @@ def weights_label(conf) -> str:
     if random:
         return "RANDOM untrained weights (" + ", ".join(random) + "): recalls are not meaningful"
     return "trained" if paths else "none"
+
+
+def _arguments(p):
+    p.add_argument("--out", required=True, help="<model>_seed<N>.pth, or any name with --model/--seed")
+    p.add_argument("--model", default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run(a):
+    model, seed = parse_name(a.out) if a.model is None else (a.model, a.seed)
+    print(write_random(model, a.out, seed))
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"random-weights": (_arguments, _run)}

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .args import json_arg
 from .gpus import pick_device
 from .local_store import FeatureStore, described_keypoints, writer_token
 from .match_store import MatchView, PartWriter, scan, store_dir, write_view
@@ -631,3 +632,48 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
     out_topk = TopK(topk.query_names, new_names, new_index, new_dist, info)
     write_topk(out, out_topk, extra={"rerank_scores": np.take_along_axis(scores, order, 1)})
     return out_topk
+
+
+def name_resolver(root, index_dir):
+    """Names of a top-k file -> dataset-relative names (:class:`NameResolver`; identity without a root)."""
+    return NameResolver(root, index_dir) if root else (lambda n: n)
+
+
+def _match_arguments(p):
+    p.add_argument("--features", default=None, help="feature store index (JSON); none for image-input matchers")
+    p.add_argument("--conf", type=json_arg, required=True, help="matcher conf (JSON)")
+    p.add_argument("--topk", required=True)
+    p.add_argument("--k", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--root", default=None)
+    p.add_argument("--index-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--store-base", default=None,
+                   help="folder of the pair-keyed match stores (default: 'pairs' beside --out)")
+
+
+def _match(a):
+    match_topk(a.features, a.conf, a.topk, a.k, a.out, name_resolver(a.root, a.index_dir), a.device, root=a.root,
+               store_base=a.store_base)
+
+
+def _score_arguments(p):
+    p.add_argument("--features", default=None, help="feature store index (JSON), for index matches")
+    p.add_argument("--matches", required=True)
+    p.add_argument("--conf", type=json_arg, required=True, help="scorer conf (JSON)")
+    p.add_argument("--topk", required=True)
+    p.add_argument("--k", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--meta", type=json_arg, default={})
+    p.add_argument("--root", default=None)
+    p.add_argument("--index-dir", default=None)
+    p.add_argument("--workers", type=int, default=1, help="processes scoring queries in parallel")
+
+
+def _score(a):
+    score_topk(a.features, a.matches, a.conf, a.topk, a.k, a.out, name_resolver(a.root, a.index_dir), a.meta,
+               workers=a.workers)
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"match": (_match_arguments, _match), "score": (_score_arguments, _score)}

@@ -47,6 +47,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from .args import json_arg
 from .global_store import GlobalStore
 from .index_plan import FLAT_MAX, NAMED, auto_nlist, choose_factory  # noqa: F401 - re-exported
 from .io import atomic_path, read_json, write_json
@@ -538,3 +539,42 @@ def search(index_path, query_store, out, k: int = 100, batch_size: int = 1024, n
     )
     write_topk(out, topk)
     return topk
+
+
+def _build_arguments(p):
+    p.add_argument("--out", required=True)
+    p.add_argument("--index", default="auto")
+    p.add_argument("stores", nargs="+")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n))")
+    p.add_argument("--m", type=int, default=None, help="PQ sub-quantizers (default dim / 8)")
+    p.add_argument("--nbits", type=int, default=8)
+    p.add_argument("--train-size", type=int, default=200_000)
+    p.add_argument("--chunk-size", type=int, default=100_000, help="descriptors read and added at a time")
+    p.add_argument("--gpu", choices=["auto", "never"], default="auto")
+
+
+def _build(a):
+    build_index(a.stores, a.out, a.index, train_size=a.train_size, nlist=a.nlist, m=a.m, nbits=a.nbits,
+                chunk_size=a.chunk_size, use_gpu="auto" if a.gpu == "auto" else False)
+
+
+def _search_arguments(p):
+    p.add_argument("--index", required=True)
+    p.add_argument("--queries", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--gpu", choices=["auto", "never"], default="auto")
+    p.add_argument("--meta", type=json_arg, default={})
+    p.add_argument("--database", nargs="+", default=None, help="the database store(s) the index was built from")
+    p.add_argument("--rescore", type=int, default=0,
+                   help="compressed index: re-rank RESCORE x k candidates with the exact descriptors (0: off)")
+
+
+def _search(a):
+    search(a.index, a.queries, a.out, a.k, nprobe=a.nprobe, meta=a.meta, use_gpu="auto" if a.gpu == "auto" else False,
+           database=a.database, rescore=a.rescore)
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"build-index": (_build_arguments, _build), "search": (_search_arguments, _search)}

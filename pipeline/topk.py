@@ -140,3 +140,17 @@ def import_topk(src, dst, k: int | None = None) -> TopK:
     write_topk(dst, topk)
     logger.info("imported %s: %d queries, k=%d", src, len(topk), topk.k)
     return topk
+
+
+def _import_arguments(p):
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--k", type=int, default=None)
+
+
+def _import(a):
+    import_topk(a.src, a.dst, a.k)
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"import-topk": (_import_arguments, _import)}

@@ -24,12 +24,12 @@ from .conftest import REPO
 
 PKG = REPO / "pipeline"
 LAYERS = {  # module or package prefix -> layer
-    "core": ["datasets", "conf", "conf_checks", "io", "images", "loader", "gpus", "geodesy", "checkpoints", "registry",
+    "core": ["datasets", "args", "conf", "conf_checks", "io", "images", "loader", "gpus", "geodesy", "checkpoints", "registry",
              "redact", "global_store", "topk", "index_plan", "datasets.names", "datasets.geo", "pycls_resnet"],
     "models": ["global_features", "local_features", "matchers", "scorers"],
     "stores": ["local_store", "match_store", "config"],
     "stages": ["datasets.index", "datasets.synthetic", "extract_global", "gather", "retrieval", "extract_local",
-               "rerank", "evaluate", "random_weights", "nightset"],
+               "rerank", "evaluate", "random_weights", "weights", "nightset"],
     "reports": ["reports"],
     "cli": ["cli", "__main__"],
 }

@@ -114,7 +114,7 @@ def test_margins_of_the_fixture(build):
     """The distinct views really are nearby and alike-ish, the copies alike: the test means something."""
     col, table = build
     model = D.build_descriptor({"name": "thumb_grad"})
-    from pipeline.nightset.classify import read_photo
+    from pipeline.nightset.photos import read_photo
 
     desc = {p: model.describe([read_photo(col / f, 256).image])[0] for p, f in zip(table.photo_id, table.file)}
     t = table.set_index("photo_id")
@@ -173,8 +173,10 @@ def test_bad_inputs(build, tmp_path):
     pd.DataFrame({"photo_id": ["q00"], "keep": ["maybe"]}).to_csv(tmp_path / "f.csv", index=False)
     with pytest.raises(ValueError, match="keep must be true/false"):
         D.dedupe(col, tmp_path / "o.csv", tmp_path / "f.csv")
-    with pytest.raises(ValueError, match="unknown conf key"):
+    with pytest.raises(ValueError, match="dedupe: unknown option 'sim'"):
         D.dedupe(col, tmp_path / "o.csv", conf={"sim": 0.5})
+    with pytest.raises(ValueError, match="thumb_grad: unknown option 'size'"):
+        D.dedupe(col, tmp_path / "o.csv", conf={"descriptor": {"name": "thumb_grad", "size": 8}})
     with pytest.raises(ValueError, match="unknown dedupe descriptor"):
         D.dedupe(col, tmp_path / "o.csv", conf={"descriptor": {"name": "dinov2"}})
     nolat = tmp_path / "p.csv"

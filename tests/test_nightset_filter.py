@@ -1,4 +1,4 @@
-"""Filter stage of the night query set: statistics baselines, mobilenet, the stage itself."""
+"""Filter stage of the night query set: photos, statistics baselines, mobilenet, the stage itself."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.images import ImageReadError
 from pipeline.nightset import classify as C
+from pipeline.nightset import mobilenet as M
+from pipeline.nightset import photos as P
+from pipeline.nightset import stats_models as S
+
+from .nightset_images import make_labelled_images
 
 # Accuracies measured on the set below (40 day + 40 night street views, 40 rooms at
 # 160x120, seed 0): day/night default 0.912, fitted (held-out half) 0.975;
@@ -24,9 +30,9 @@ MIN_OUTDOOR_DEFAULT, MIN_OUTDOOR_FITTED = 0.85, 0.90
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     folder = tmp_path_factory.mktemp("labelled")
-    csv = C.make_labelled_images(folder, n_day=40, n_night=40, n_rooms=40, size=(160, 120), seed=0)
+    csv = make_labelled_images(folder, n_day=40, n_night=40, n_rooms=40, size=(160, 120), seed=0)
     df = pd.read_csv(csv)
-    photos = [C.read_photo(folder / f) for f in df.file]
+    photos = [P.read_photo(folder / f) for f in df.file]
     return folder, df, photos
 
 
@@ -44,10 +50,10 @@ def _accuracy(model, photos, y):
 
 
 def test_parse_hour():
-    assert C.parse_hour("2023:11:21 22:15:00") == pytest.approx(22.25)
-    assert C.parse_hour("2023-11-21 06:30:00") == pytest.approx(6.5)
-    assert C.parse_hour("2023-11-21T23:00") == pytest.approx(23.0)
-    assert C.parse_hour("") is None and C.parse_hour(None) is None and C.parse_hour("garbage") is None
+    assert P.parse_hour("2023:11:21 22:15:00") == pytest.approx(22.25)
+    assert P.parse_hour("2023-11-21 06:30:00") == pytest.approx(6.5)
+    assert P.parse_hour("2023-11-21T23:00") == pytest.approx(23.0)
+    assert P.parse_hour("") is None and P.parse_hour(None) is None and P.parse_hour("garbage") is None
 
 
 def test_exif_hour_feeds_the_night_feature(tmp_path):
@@ -56,26 +62,26 @@ def test_exif_hour_feeds_the_night_feature(tmp_path):
     exif.get_ifd(0x8769)[0x9003] = "2023:11:21 23:30:00"
     img.save(tmp_path / "a.jpg", exif=exif)
     img.save(tmp_path / "b.jpg")
-    a, b = C.read_photo(tmp_path / "a.jpg"), C.read_photo(tmp_path / "b.jpg")
+    a, b = P.read_photo(tmp_path / "a.jpg"), P.read_photo(tmp_path / "b.jpg")
     assert a.exif_hour == pytest.approx(23.5) and b.exif_hour is None
-    j = list(C.DAYNIGHT_FEATURES).index("hour_night")
-    assert C.daynight_features(a)[j] == pytest.approx(math.cos(2 * math.pi * 23.5 / 24))
-    assert C.daynight_features(b)[j] == 0.0
+    j = list(S.DAYNIGHT_FEATURES).index("hour_night")
+    assert S.daynight_features(a)[j] == pytest.approx(math.cos(2 * math.pi * 23.5 / 24))
+    assert S.daynight_features(b)[j] == 0.0
     model = C.build_classifier("daynight_stats")
     assert model.predict([a])[0] > model.predict([b])[0]  # a night hour raises p(night)
     # datetaken is only used when asked for
-    c = C.Photo(b.image, None, 23.5)
-    assert C.daynight_features(c)[j] == 0.0
-    assert C.daynight_features(c, ("exif", "datetaken"))[j] > 0.9
+    c = P.Photo(b.image, None, 23.5)
+    assert S.daynight_features(c)[j] == 0.0
+    assert S.daynight_features(c, ("exif", "datetaken"))[j] > 0.9
 
 
 def test_read_photo_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    with pytest.raises(C.ImageReadError, match="bad.jpg"):
-        C.read_photo(bad)
-    with pytest.raises(C.ImageReadError, match="missing.jpg"):
-        C.read_photo(tmp_path / "missing.jpg")
+    with pytest.raises(ImageReadError, match="bad.jpg"):
+        P.read_photo(bad)
+    with pytest.raises(ImageReadError, match="missing.jpg"):
+        P.read_photo(tmp_path / "missing.jpg")
 
 
 def test_fit_logistic_recovers_coefficients():
@@ -83,31 +89,45 @@ def test_fit_logistic_recovers_coefficients():
     X = np.c_[rng.normal(0.5, 0.2, 4000), rng.normal(0, 1, 4000), np.full(4000, 3.0)]
     p = 1 / (1 + np.exp(-(1.0 - 6.0 * X[:, 0] + 1.5 * X[:, 1])))
     y = (rng.random(4000) < p).astype(int)
-    coef, bias = C.fit_logistic(X, y, l2=0.01)
+    coef, bias = S.fit_logistic(X, y, l2=0.01)
     assert coef[0] == pytest.approx(-6.0, abs=0.6)
     assert coef[1] == pytest.approx(1.5, abs=0.2)
     assert coef[2] == 0.0  # constant feature
     assert bias == pytest.approx(1.0, abs=0.4)
     with pytest.raises(ValueError, match="both classes"):
-        C.fit_logistic(X, np.zeros(4000))
+        S.fit_logistic(X, np.zeros(4000))
 
 
 def test_separable_data_does_not_diverge():
     X = np.r_[np.zeros((20, 1)), np.ones((20, 1))]
     y = np.r_[np.zeros(20), np.ones(20)]
-    coef, bias = C.fit_logistic(X, y, l2=1.0)
+    coef, bias = S.fit_logistic(X, y, l2=1.0)
     assert np.isfinite(coef).all() and coef[0] > 0 and np.isfinite(bias)
 
 
 def test_stats_conf_errors():
     with pytest.raises(ValueError, match="unknown feature"):
         C.build_classifier({"name": "daynight_stats", "coef": {"moon_phase": 1.0}})
-    with pytest.raises(ValueError, match="unknown conf key"):
+    with pytest.raises(ValueError, match="outdoor_stats: unknown option 'treshold'"):
         C.build_classifier({"name": "outdoor_stats", "treshold": 0.3})
     with pytest.raises(ValueError, match="unknown nightset classifier"):
         C.build_classifier({"name": "resnet"})
     with pytest.raises(ValueError, match="neither a named conf"):
         C.build_classifier("no_such_model")
+
+
+def test_stats_conf_merging():
+    """``coef`` replaces the default weights as a whole; a probability threshold of 0 is valid."""
+    m = C.build_classifier({"name": "daynight_stats", "coef": {"luma_mean": -5.0}, "threshold": 0.0})
+    assert m.w.tolist() == [-5.0, 0, 0, 0, 0, 0] and m.b == 3.0 and m.conf["threshold"] == 0.0
+    assert m.conf["hour_sources"] == ["exif"] and m.label == "daynight_stats(fitted)"
+    assert C.build_classifier("daynight_stats").conf["coef"]["luma_mean"] == -10.0  # defaults untouched
+    with pytest.raises(ValueError, match="coef must be a dict"):
+        C.build_classifier({"name": "daynight_stats", "coef": [1.0]})
+    with pytest.raises(ValueError, match="mobilenet: unknown option 'batchsize'"):
+        C.build_classifier({"name": "mobilenet", "checkpoint": "x.pt", "batchsize": 8})
+    with pytest.raises(ValueError, match="'mobilenet' is not a statistics model"):
+        S.fit_stats("mobilenet", [], [])
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -118,7 +138,7 @@ def test_daynight_stats_accuracy(labelled):
     assert y.sum() == 40 and len(y) == 80
     acc = _accuracy(C.build_classifier("daynight_stats"), photos, y)
     train = np.arange(len(y)) % 2 == 0
-    conf = C.fit_stats("daynight_stats", [p for p, t in zip(photos, train) if t], y[train])
+    conf = S.fit_stats("daynight_stats", [p for p, t in zip(photos, train) if t], y[train])
     fitted = C.build_classifier(conf)
     acc_fit = _accuracy(fitted, [p for p, t in zip(photos, train) if not t], y[~train])
     print(f"day/night accuracy: default {acc:.3f}, fitted (held-out half) {acc_fit:.3f}")
@@ -134,7 +154,7 @@ def test_outdoor_stats_accuracy(labelled):
     assert (y == 0).sum() == 40 and (y == 1).sum() == 80
     acc = _accuracy(C.build_classifier("outdoor_stats"), photos, y)
     train = np.arange(len(y)) % 2 == 0
-    conf = C.fit_stats("outdoor_stats", [p for p, t in zip(photos, train) if t], y[train])
+    conf = S.fit_stats("outdoor_stats", [p for p, t in zip(photos, train) if t], y[train])
     acc_fit = _accuracy(C.build_classifier(conf), [p for p, t in zip(photos, train) if not t], y[~train])
     print(f"outdoor/indoor accuracy: default {acc:.3f}, fitted (held-out half) {acc_fit:.3f}")
     assert acc >= MIN_OUTDOOR_DEFAULT
@@ -161,7 +181,7 @@ def test_fit_stats_csv_and_cli(labelled, tmp_path):
     assert conf["coef"]["light_frac"] == 0 and conf["coef"]["dark_frac"] > 0
     assert conf["fit"]["features"] == ["luma_mean", "dark_frac"]
     with pytest.raises(ValueError, match="unknown or no features"):
-        C.fit_stats("daynight_stats", [], [], features=["moon"])
+        S.fit_stats("daynight_stats", [], [], features=["moon"])
 
 
 def test_read_labels(tmp_path):
@@ -170,18 +190,18 @@ def test_read_labels(tmp_path):
         pd.DataFrame({"file": [f"{i}.jpg" for i in range(len(labels))], "label": labels}).to_csv(csv, index=False)
         return csv
 
-    paths, y, classes = C.read_labels(write(["night", "day", "night"]))
+    paths, y, classes = P.read_labels(write(["night", "day", "night"]))
     assert classes == ["day", "night"] and y.tolist() == [1, 0, 1] and paths[0] == tmp_path / "0.jpg"
-    assert C.read_labels(write([0, 1, 1]))[2] == ["0", "1"]
-    assert C.read_labels(write(["cat", "dog"]), positive="cat")[1].tolist() == [1, 0]
+    assert P.read_labels(write([0, 1, 1]))[2] == ["0", "1"]
+    assert P.read_labels(write(["cat", "dog"]), positive="cat")[1].tolist() == [1, 0]
     with pytest.raises(ValueError, match="say which one is positive"):
-        C.read_labels(write(["cat", "dog"]))
+        P.read_labels(write(["cat", "dog"]))
     with pytest.raises(ValueError, match="exactly two"):
-        C.read_labels(write(["night", "night"]))
+        P.read_labels(write(["night", "night"]))
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label\na.jpg,1\n")
     with pytest.raises(ValueError, match=r"bad.csv: missing column\(s\) \['file'\]"):
-        C.read_labels(bad)
+        P.read_labels(bad)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -261,7 +281,7 @@ def test_classify_bad_table(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_night_csv(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    lab = C.make_labelled_images(folder, n_day=20, n_night=20, n_rooms=0, size=(64, 48), seed=3)
+    lab = make_labelled_images(folder, n_day=20, n_night=20, n_rooms=0, size=(64, 48), seed=3)
     df = pd.read_csv(lab)
     csv = folder / "night.csv"
     pd.DataFrame({"file": df.file, "label": np.where(df.night == 1, "night", "day")}).to_csv(csv, index=False)
@@ -272,7 +292,7 @@ def tiny_night_csv(tmp_path_factory):
 def trained(tiny_night_csv, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt") / "night.pt"
     torch.set_num_threads(2)
-    info = C.train(tiny_night_csv, ckpt, epochs=2, lr=1e-3, batch_size=8, device="cpu", seed=0, image_size=64)
+    info = M.train(tiny_night_csv, ckpt, epochs=2, lr=1e-3, batch_size=8, device="cpu", seed=0, image_size=64)
     return ckpt, info
 
 
@@ -288,8 +308,8 @@ def test_mobilenet_trains(trained):
 def test_mobilenet_predicts_and_runs_in_the_stage(trained, tiny_night_csv, tmp_path):
     ckpt, _ = trained
     clf = C.build_classifier({"name": "mobilenet", "checkpoint": str(ckpt), "device": "cpu"})
-    paths, _, _ = C.read_labels(tiny_night_csv)
-    p = clf.predict([C.read_photo(q) for q in paths])
+    paths, _, _ = P.read_labels(tiny_night_csv)
+    p = clf.predict([P.read_photo(q) for q in paths])
     assert p.shape == (40,) and np.all((p >= 0) & (p <= 1))
     assert clf.label == "mobilenet:night.pt"
     # in the stage, as the night model
@@ -306,24 +326,24 @@ def test_mobilenet_predicts_and_runs_in_the_stage(trained, tiny_night_csv, tmp_p
 def test_mobilenet_refuses_wrong_checkpoints(trained, tmp_path):
     ckpt, _ = trained
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        C.load_checkpoint(tmp_path / "absent.pt")
+        M.load_checkpoint(tmp_path / "absent.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt: cannot be read"):
-        C.load_checkpoint(junk)
+        M.load_checkpoint(junk)
     plain = tmp_path / "plain.pt"
-    torch.save(C.build_mobilenet().state_dict(), plain)
+    torch.save(M.build_mobilenet().state_dict(), plain)
     with pytest.raises(ValueError, match="plain.pt: not a pipeline.nightset.mobilenet checkpoint"):
-        C.load_checkpoint(plain)
+        M.load_checkpoint(plain)
     good = torch.load(ckpt, weights_only=True)
     shapes = tmp_path / "shapes.pt"
     torch.save({**good, "conf": {**good["conf"], "width_mult": 0.5}}, shapes)
     with pytest.raises(ValueError, match="shapes.pt: weights do not fit"):
-        C.load_checkpoint(shapes)
+        M.load_checkpoint(shapes)
     version = tmp_path / "v9.pt"
     torch.save({**good, "version": 9}, version)
     with pytest.raises(ValueError, match="format version 9"):
-        C.load_checkpoint(version)
+        M.load_checkpoint(version)
     # a night checkpoint is refused as the outdoor model
     with pytest.raises(ValueError, match="positive class is 'night'.*wrong checkpoint"):
         C.build_classifier({"name": "mobilenet", "checkpoint": str(ckpt), "device": "cpu", "positive": "outdoor"})

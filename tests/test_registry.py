@@ -104,8 +104,8 @@ def test_toys_pass_the_config_check_and_run_through_every_stage(toys, tiny_datas
     first = FeatureStore(tmp_path / "feat.json").get(names[0])
     assert first["descriptors"].shape[1] == 64 and len(first["keypoints"]) > 10
     rr.match_topk(tmp_path / "feat.json", {"name": "toy_same"}, tmp_path / "topk.h5", 4, tmp_path / "m.h5", device="cpu")
-    out = rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", {"name": "toy_count", "factor": 2.0},
-                        tmp_path / "topk.h5", 4, tmp_path / "rr.h5")
+    rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", {"name": "toy_count", "factor": 2.0},
+                  tmp_path / "topk.h5", 4, tmp_path / "rr.h5")
     # every image of the tiny set has the same size, so the same grid: score = 2 x the keypoint count
     with h5py.File(tmp_path / "rr.h5", "r") as f:
         np.testing.assert_array_equal(f["rerank_scores"][:], 2.0 * len(first["keypoints"]))

@@ -16,8 +16,11 @@ from PIL import Image
 
 from pipeline.datasets.names import parse_name
 from pipeline.datasets.synthetic import generate
-from pipeline.nightset.classify import build_classifier, fit_stats_csv, make_labelled_images, read_photo, render_room
+from pipeline.nightset.classify import build_classifier
+from pipeline.nightset.photos import read_photo
+from pipeline.nightset.stats_models import fit_stats_csv
 
+from .nightset_images import make_labelled_images, render_room
 from .nightset_mock import mock_flickr
 from .test_workflow import job_counts, snakemake
 
@@ -86,7 +89,7 @@ def area(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(area):
-    wd, root, photos, images, bbox, expect = area
+    wd, _root, photos, images, bbox, expect = area
     with mock_flickr(photos, images) as (base_url, state):
         config = {
             "datasets": {"syn": {"root": "data/syn", "synthetic": SYN}, "syn_flickr_night": {"nightset": "toy"}},
@@ -111,7 +114,7 @@ def built(area):
 
 
 def test_every_stage_ran_and_counts_add_up(built):
-    wd, out, served, expect = built
+    wd, _out, served, expect = built
     build = wd / "work" / "nightsets" / "toy"
     counts = json.loads((build / "dataset" / "counts.json").read_text())
     assert counts["collected"] == expect["collected"]
@@ -136,7 +139,7 @@ def test_every_stage_ran_and_counts_add_up(built):
 
 
 def test_the_query_set_is_evaluated_by_the_main_pipeline(built):
-    wd, out, _, expect = built
+    wd, _out, _, _expect = built
     counts = json.loads((wd / "work" / "nightsets" / "toy" / "dataset" / "counts.json").read_text())
     q = sorted((wd / "work" / "nightsets" / "toy" / "dataset" / "queries").iterdir())
     assert len(q) == counts["verified_queries"] and all("flickr_" in p.name for p in q)

@@ -208,3 +208,19 @@ def read_table(path) -> pd.DataFrame:
     if missing:
         raise DatasetError(f"{path}: not an index table, columns {missing} missing")
     return df
+
+
+def _index_arguments(p):
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--on-bad-name", choices=["error", "skip"], default="error")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--positions", default=None, help="CSV of name + lat/lon (or east/north/zone)")
+
+
+def _index(a):
+    index_dataset(a.root, a.out, a.on_bad_name, a.workers, a.positions)
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"index": (_index_arguments, _index)}

@@ -53,6 +53,7 @@ import cv2
 import numpy as np
 import utm
 
+from ..args import json_arg
 from .names import format_name
 
 logger = logging.getLogger(__name__)
@@ -1266,6 +1267,19 @@ def main(argv=None) -> int:
     out["conf"] = summary["conf"]
     print(json.dumps(out, indent=2, sort_keys=True))
     return 0
+
+
+def _synthetic_arguments(p):
+    p.add_argument("--root", required=True)
+    p.add_argument("--conf", type=json_arg, default={})
+
+
+def _synthetic(a):
+    print(json.dumps(generate(a.root, a.conf), indent=2, default=str))
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"synthetic": (_synthetic_arguments, _synthetic)}
 
 
 if __name__ == "__main__":

@@ -773,5 +773,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def _run(a):
+    print(json.dumps({k: v for k, v in run_args(a).items() if k != "failed"}, indent=2, default=str))
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"nightset-collect": (add_arguments, _run)}
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

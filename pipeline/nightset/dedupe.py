@@ -70,16 +70,18 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..conf import merge_conf
 from ..images import ImageReadError
 from ..io import atomic_path
 from ..registry import Registry
-from .classify import read_photo, read_photos_table
+from .photos import read_photo, read_photos_table
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +104,11 @@ DEFAULT_CONF = {
 class ThumbGrad:
     """Training-free near-duplicate descriptor: grey thumbnail + gradient orientation histograms."""
 
-    default_conf = {"name": "thumb_grad", "thumb": 16, "grad_size": 64, "cells": 4, "bins": 8,
-                    "thumb_weight": 1.0, "grad_weight": 1.0}
+    default_conf: ClassVar[dict] = {"name": "thumb_grad", "thumb": 16, "grad_size": 64, "cells": 4, "bins": 8,
+                                    "thumb_weight": 1.0, "grad_weight": 1.0}
 
     def __init__(self, conf: dict | None = None):
-        conf = dict(conf or {})
-        unknown = sorted(set(conf) - set(self.default_conf))
-        if unknown:
-            raise ValueError(f"thumb_grad: unknown conf key(s) {unknown}; valid: {sorted(self.default_conf)}")
-        self.conf = {**self.default_conf, **conf}
+        self.conf = merge_conf(self.default_conf, conf, "thumb_grad")
         c = self.conf
         if c["grad_size"] % c["cells"]:
             raise ValueError("thumb_grad: grad_size must be a multiple of cells")
@@ -146,27 +144,25 @@ class ThumbGrad:
 class GlobalDescriptor:
     """A :mod:`pipeline.global_features` model as the dedupe descriptor (weights as its conf says)."""
 
-    default_conf = {"name": "global", "model": None, "fit_state": None, "device": "auto", "batch_size": 16}
+    default_conf: ClassVar[dict] = {"name": "global", "model": None, "fit_state": None, "device": "auto",
+                                    "batch_size": 16}
 
     def __init__(self, conf: dict):
         import torch
 
         from ..global_features import build_model
-        from .classify import pick_device
+        from ..gpus import pick_device
 
-        unknown = sorted(set(conf) - set(self.default_conf))
-        if unknown:
-            raise ValueError(f"global descriptor: unknown conf key(s) {unknown}; valid: {sorted(self.default_conf)}")
-        self.conf = {**self.default_conf, **conf}
+        self.conf = merge_conf(self.default_conf, conf, "global descriptor")
         if not isinstance(self.conf["model"], dict):
-            raise ValueError("global descriptor: conf needs 'model' (a pipeline.global_features conf)")
+            raise ValueError("global descriptor: conf needs 'model' (a pipeline.global_features conf)")  # noqa: TRY004
         self.model = build_model(self.conf["model"])
         if self.model.needs_fit:
             if not self.conf["fit_state"]:
                 raise ValueError(f"global descriptor: {self.conf['model']['name']} needs a fit_state file "
                                  f"(python -m pipeline fit-global)")
             self.model.load_fit(torch.load(self.conf["fit_state"], map_location="cpu", weights_only=True))
-        self.device = pick_device(self.conf["device"])
+        self.device = pick_device(str(self.conf["device"]))
         self.model.eval().to(self.device)
         self.dim = self.model.dim
 
@@ -291,12 +287,14 @@ class _UnionFind:
 
 
 def _merge_conf(conf: dict | None) -> dict:
-    out = copy.deepcopy(DEFAULT_CONF)
     conf = dict(conf or {})
-    unknown = sorted(set(conf) - set(out))
-    if unknown:
-        raise ValueError(f"dedupe: unknown conf key(s) {unknown}; valid: {sorted(out)}")
-    out.update(conf)
+    # a descriptor conf replaces the default one as a whole (another descriptor has other
+    # options), so it is not merged key by key
+    has_descriptor = "descriptor" in conf
+    descriptor = conf.pop("descriptor", None)
+    out = merge_conf(DEFAULT_CONF, conf, "dedupe")
+    if has_descriptor:
+        out["descriptor"] = copy.deepcopy(descriptor)
     if out["prefer"] not in ("resolution", "earliest"):
         raise ValueError(f"dedupe: prefer must be 'resolution' or 'earliest', got {out['prefer']!r}")
     if not out["max_distance_m"] >= 0:
@@ -480,6 +478,10 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`); :func:`main` parses its own arguments
+COMMANDS = {"nightset-dedupe": main}
 
 
 if __name__ == "__main__":

@@ -876,5 +876,9 @@ document.addEventListener("keydown", e => {
 """
 
 
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"nightset-relabel": (add_arguments, run)}
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -149,3 +149,22 @@ def stage_counts(build_dir) -> dict:
     if state.is_file():
         out["collect_summary"] = json.loads(state.read_text())
     return out
+
+
+def _arguments(p):
+    p.add_argument("--labels", required=True, help="relabel/labels.csv (or dedup.csv: photo_id, file, lat, lon)")
+    p.add_argument("--photos", required=True, help="folder the labels' 'file' column is relative to")
+    p.add_argument("--db-root", required=True, help="the database's dataset root (holds database/)")
+    p.add_argument("--db-index", required=True, help="its index tables (work/<dataset>/index)")
+    p.add_argument("--build", required=True, help="the build folder (for the counts of earlier stages)")
+    p.add_argument("--out", required=True, help="output dataset root (queries/, database link, counts.json)")
+    p.add_argument("--threshold", type=float, default=25.0)
+
+
+def _run(a):
+    counts = verify(a.labels, a.photos, a.db_root, a.db_index, a.out, a.threshold, stage_counts(a.build))
+    print(json.dumps(counts, indent=2))
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"nightset-verify": (_arguments, _run)}

@@ -28,6 +28,7 @@ import logging
 import os
 from pathlib import Path
 
+from ..args import json_arg
 from ..io import atomic_path, write_json
 from . import plots, summary
 
@@ -155,3 +156,16 @@ def build_report(spec: dict, out_dir) -> dict:
     write_json(out_dir / "manifest.json", written)
     return written
 
+
+def _arguments(p):
+    p.add_argument("--spec", type=json_arg, required=True, help="what to report (JSON; see this module's doc)")
+    p.add_argument("--out", required=True, help="output folder (index.html, one page per dataset)")
+
+
+def _run(a):
+    build_report(a.spec, a.out)
+    print(f"{a.out}/index.html")
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"report": (_arguments, _run)}

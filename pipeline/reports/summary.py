@@ -151,3 +151,16 @@ def write_summary(paths, out_dir, ns=TABLE_NS) -> dict[str, str]:
     with atomic_path(files["html"]) as tmp:
         tmp.write_text(to_html(table, bounds, ns))
     return {k: str(v) for k, v in files.items()}
+
+
+def _arguments(p):
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("results", nargs="+", help="results CSVs")
+
+
+def _run(a):
+    print(json.dumps(write_summary(a.results, a.out), indent=2))
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"summary": (_arguments, _run)}
