@@ -38,7 +38,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -54,6 +53,7 @@ import numpy as np
 import utm
 
 from ..args import json_arg
+from ..conf import merge_conf
 from .names import format_name
 
 logger = logging.getLogger(__name__)
@@ -107,14 +107,8 @@ _SIDEWALK = 2.5
 
 
 def _merge_conf(conf: dict | None) -> dict:
-    out = copy.deepcopy(DEFAULT_CONF)
-    conf = dict(conf or {})
-    unknown = sorted(set(conf) - set(out))
-    if unknown:
-        raise ValueError(
-            f"synthetic dataset: unknown conf key(s) {unknown}; valid keys are {sorted(out)}"
-        )
-    out.update(copy.deepcopy(conf))
+    # the model range checks do not apply: this conf's options are checked by _check_conf
+    out = merge_conf(DEFAULT_CONF, conf, "synthetic dataset", check=False)
     # JSON round trip: tuples become lists, so a conf compares equal to its stored copy
     out = json.loads(json.dumps(out))
     _check_conf(out)
