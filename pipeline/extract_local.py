@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .args import json_arg, topk_k_arg
 from .gpus import pick_device
-from .images import image_size, to_float, to_original_frame
+from .images import to_float, to_original_frame
 from .io import write_json
 from .loader import image_loader
 from .local_features import build_model
@@ -77,15 +77,18 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
             d["seconds"] = time.perf_counter() - t_img
             return d
 
+        originals: dict[int, tuple[int, int]] = {}
+
         def keep(i, img, d):
             nonlocal next_part, buffer
             if isinstance(d, OutOfMemory):  # this image is reported, the others go on
+                originals.pop(i, None)
                 errors[todo[i]] = f"{Path(root) / todo[i]}: {d}"
                 logger.warning("skipped: %s", errors[todo[i]])
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 return
-            orig = _original_size(Path(root) / todo[i])
+            orig = originals.pop(i)
             d["image_size"] = (img.shape[2], img.shape[1])
             d["original_size"] = orig
             d["keypoints"] = to_original_frame(d["keypoints"], d["image_size"], orig)
@@ -109,6 +112,7 @@ def extract_local(conf: dict, root, names: list[str], base, device: str = "auto"
                     logger.warning("skipped: %s", err)
                 for k, i in enumerate(batch.idx):
                     img = batch.images[k]
+                    originals[i] = batch.original_sizes[k]  # the file's size, read with the image
                     if pool is None:
                         keep(i, img, describe(img))
                         continue
@@ -163,13 +167,6 @@ def extraction_threads(model, device) -> int:
 def _resolved(item):
     i, img, future = item
     return i, img, future.result()
-
-
-def _original_size(path: Path) -> tuple[int, int]:
-    """The image file's upright ``(width, height)`` (EXIF orientation applied, as
-    :func:`pipeline.images.read_image` reads it)."""
-    width, height, _ = image_size(path)
-    return width, height
 
 
 def _arguments(p):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import ImageReadError, load_uint8
+from .images import ImageReadError, load_uint8_sized
 
 
 class ImageList(Dataset):
@@ -26,10 +26,12 @@ class ImageList(Dataset):
         return len(self.names)
 
     def __getitem__(self, i):
+        """``(i, image, the file's upright (width, height), None)`` or ``(i, None, None, error)``."""
         try:
-            return i, load_uint8(self.root / self.names[i], self.resize, self.resize_max), None
+            image, original = load_uint8_sized(self.root / self.names[i], self.resize, self.resize_max)
+            return i, image, original, None
         except ImageReadError as e:
-            return i, None, str(e)
+            return i, None, None, str(e)
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Batch:
     idx: list[int]
     images: torch.Tensor | list[torch.Tensor] | None
     errors: list[tuple[int, str]]
+    #: each readable image's file size (upright width, height), before any resizing
+    original_sizes: list[tuple[int, int]] | None = None
 
     def pin_memory(self):  # called by the DataLoader's pinning thread when pin_memory=True
         if isinstance(self.images, torch.Tensor):
@@ -49,13 +53,14 @@ class Batch:
 
 def _collate(batch) -> Batch:
     # runs in the loader's worker: stacking there sends one shared-memory block per batch
-    ok = [(i, t) for i, t, _ in batch if t is not None]
-    tensors = [t for _, t in ok]
+    ok = [(i, t, size) for i, t, size, _ in batch if t is not None]
+    tensors = [t for _, t, _ in ok]
     if tensors and all(t.shape == tensors[0].shape for t in tensors):
         images = torch.stack(tensors)
     else:
         images = tensors or None
-    return Batch(len(batch), [i for i, _ in ok], images, [(i, e) for i, t, e in batch if t is None])
+    return Batch(len(batch), [i for i, _, _ in ok], images, [(i, e) for i, t, _, e in batch if t is None],
+                 [size for _, _, size in ok])
 
 
 def image_loader(root, names, resize, batch_size, num_workers, pin_memory=False, resize_max=None) -> DataLoader:
