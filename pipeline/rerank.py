@@ -508,6 +508,7 @@ def _score_in_processes(args, n: int, workers: int, scores, seconds, bar) -> int
     tmp = tempfile.TemporaryDirectory(prefix="vg-score-")
     args_file = Path(tmp.name) / "args.pkl"
     args_file.write_bytes(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL))
+    others = set(mp.active_children())  # children that are not the pool's (left alone when it stops)
     pool = ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_worker_init, initargs=(str(args_file),))
     try:
         up = pool.submit(_worker_up)  # answered once a worker has initialised
@@ -547,7 +548,7 @@ def _score_in_processes(args, n: int, workers: int, scores, seconds, bar) -> int
                 scores[qi], seconds[qi] = one(qi)
                 bar.update(1)
     finally:
-        _stop_pool(pool)  # idle, or still starting up when this process scored everything
+        _stop_pool(pool, others)  # idle, or still starting up when this process scored everything
         tmp.cleanup()
         one.close()
         cv2.setNumThreads(threads)
@@ -555,14 +556,15 @@ def _score_in_processes(args, n: int, workers: int, scores, seconds, bar) -> int
     return in_pool
 
 
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Shut the pool down without waiting for workers still importing torch."""
-    procs = dict(getattr(pool, "_processes", None) or {})  # the executor's own table (3.8-3.13)
+def _stop_pool(pool: ProcessPoolExecutor, others: set) -> None:
+    """Shut the pool down without waiting for workers still importing torch: its workers are
+    this process's children started since the pool was made (``others``: the ones before)."""
+    procs = [p for p in mp.active_children() if p not in others]
     pool.shutdown(wait=False, cancel_futures=True)
-    for p in procs.values():
+    for p in procs:
         if p.is_alive():
             p.terminate()
-    for p in procs.values():
+    for p in procs:
         p.join(5)
 
 

@@ -178,6 +178,8 @@ def test_scoring_in_processes_equals_one_process(tmp_path, tiny_dataset, monkeyp
     """Queries scored in the pool (all of them, or those the pool takes while this
     process scores from the front) get exactly the one-process scores."""
     import logging
+    import multiprocessing as mp
+    import time
 
     import h5py
 
@@ -199,9 +201,17 @@ def test_scoring_in_processes_equals_one_process(tmp_path, tiny_dataset, monkeyp
     scorer = {"name": "ransac", "threshold": 8, "max_iters": 500}
     one = rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", scorer, tmp_path / "topk.h5", 4, tmp_path / "a.h5")
     monkeypatch.setattr(rr, "MAIN_SCORES", main_scores)
-    with caplog.at_level(logging.INFO, logger="pipeline.rerank"):
-        two = rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", scorer, tmp_path / "topk.h5", 4,
-                            tmp_path / "b.h5", workers=2)
+    bystander = mp.get_context("spawn").Process(target=time.sleep, args=(30,))  # a child that is not the pool's
+    bystander.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="pipeline.rerank"):
+            two = rr.score_topk(tmp_path / "feat.json", tmp_path / "m.h5", scorer, tmp_path / "topk.h5", 4,
+                                tmp_path / "b.h5", workers=2)
+        # the pool's workers are gone; the other child is left alone
+        assert mp.active_children() == [bystander] and bystander.is_alive()
+    finally:
+        bystander.terminate()
+        bystander.join()
     if not main_scores:
         assert "4 of 4 queries scored in the pool" in caplog.text
     assert isinstance(one, TopK) and (one.candidate_names == two.candidate_names).all()
