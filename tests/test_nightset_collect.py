@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from pipeline.nightset import collect as C
-from pipeline.nightset.collect import (
+from pipeline.nightset import flickr as F
+from pipeline.nightset.collect import collect, main
+from pipeline.nightset.flickr import (
     FlickrError,
     Query,
     RateLimiter,
-    collect,
-    main,
     retry_after_seconds,
 )
 
@@ -111,7 +111,7 @@ def test_429_retry_after_then_success(tmp_path):
         s = run(url, tmp_path, sleep=sleeps)
     assert s["rows"] == 4
     assert sleeps[0] == 7.0  # Retry-After honoured
-    assert sleeps[1] == C.backoff_seconds(0)  # no header: exponential backoff
+    assert sleeps[1] == F.backoff_seconds(0)  # no header: exponential backoff
     assert st.image_requests["1001"] == 2 and st.image_served["1001"] == 1
 
 
@@ -141,7 +141,7 @@ def test_5xx_and_dropped_connections_then_success(tmp_path, caplog):
     photos = make_photos(8, BBOX)
     faults = {"api": [None, 500, "drop"], "images": {"1002": [503, "drop"], "1005": [502]}}
     sleeps = Sleeps()
-    with caplog.at_level(logging.WARNING, logger="pipeline.nightset.collect"), \
+    with caplog.at_level(logging.WARNING, logger="pipeline.nightset.flickr"), \
             mock_flickr(photos, make_images(photos), faults) as (url, st):
         s = run(url, tmp_path, per_page=4, sleep=sleeps)
     assert s["complete"] and s["rows"] == 8 and s["pages_fetched"] == 2
@@ -185,9 +185,9 @@ def test_truncated_and_corrupt_images(tmp_path, caplog):
 
 
 def test_image_urls(tmp_path):
-    assert C.photo_url({"id": "5", "url_c": "c", "url_o": "o"}) == "c"
-    assert C.photo_url({"id": "5", "server": "65535", "secret": "ab"}) == "https://live.staticflickr.com/65535/5_ab_b.jpg"
-    assert C.photo_url({"id": "5"}) is None
+    assert F.photo_url({"id": "5", "url_c": "c", "url_o": "o"}) == "c"
+    assert F.photo_url({"id": "5", "server": "65535", "secret": "ab"}) == "https://live.staticflickr.com/65535/5_ab_b.jpg"
+    assert F.photo_url({"id": "5"}) is None
     photos = make_photos(2, BBOX)
     photos[1].update(url_l=None, server=None, secret=None)
     with mock_flickr(photos, make_images(photos)) as (url, _):
@@ -334,7 +334,7 @@ def test_retry_after_parsing():
     assert retry_after_seconds("12") == 12.0
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412480.0) == 30.0
-    assert C.backoff_seconds(0) == 1.0 and C.backoff_seconds(3) == 8.0 and C.backoff_seconds(30) == 60.0
+    assert F.backoff_seconds(0) == 1.0 and F.backoff_seconds(3) == 8.0 and F.backoff_seconds(30) == 60.0
 
 
 def test_query_split_rounds_to_flickr_precision():

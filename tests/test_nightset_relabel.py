@@ -24,7 +24,7 @@ import pytest
 import utm
 
 from pipeline.datasets.index import index_dataset, read_table
-from pipeline.nightset import relabel
+from pipeline.nightset import relabel, relabel_log, relabel_server
 
 from .conftest import make_dataset, textured_image
 
@@ -72,8 +72,8 @@ def setup(tmp_path):
 
 def start(setup, **kw):
     b = setup["build"]
-    server = relabel.serve(b / "dedup.csv", b / "collected", setup["root"], setup["table"], b,
-                           positions_csv=b / "collected" / "photos.csv", **kw)
+    server = relabel_server.serve(b / "dedup.csv", b / "collected", setup["root"], setup["table"], b,
+                                  positions_csv=b / "collected" / "photos.csv", **kw)
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     return server
@@ -172,8 +172,9 @@ def test_decisions_are_logged_and_replayed(server, setup):
     assert lab.loc["p4", "lat"] == pytest.approx(latlon(E0 + 70, N0 + 30)[0])  # skipped: unchanged
     assert lab.loc["p1", "orig_lat"] == pytest.approx(latlon(E0 + 48, N0 + 6)[0])
     # labels.csv is exactly the replay of the log
-    q = relabel.load_queries(setup["build"] / "dedup.csv", setup["build"] / "collected" / "photos.csv")
-    again = relabel.labels_table(q, relabel.replay(setup["build"] / "relabel" / "log.jsonl")).set_index("photo_id")
+    q = relabel_log.load_queries(setup["build"] / "dedup.csv", setup["build"] / "collected" / "photos.csv")
+    decisions = relabel_log.replay(setup["build"] / "relabel" / "log.jsonl")
+    again = relabel_log.labels_table(q, decisions).set_index("photo_id")
     pd.testing.assert_frame_equal(again[["lat", "lon", "status"]], lab[["lat", "lon", "status"]], check_exact=False)
 
 
@@ -230,7 +231,7 @@ def test_truncated_log_line_is_ignored_and_cut_off(setup, caplog):
     text = "".join(json.dumps(e) + "\n" for e in good)
     log.write_text(text + '{"timestamp": "t", "photo_id": "p2", "act')  # crash in the middle of an append
     with caplog.at_level(logging.WARNING):
-        d = relabel.replay(log)
+        d = relabel_log.replay(log)
     assert "incomplete" in caplog.text and "line 4" in caplog.text
     assert d.set_index("photo_id").status.to_dict() == {"p1": "entered", "p3": "skipped"}  # later overrides
     assert d.set_index("photo_id").n_decisions.to_dict() == {"p1": 2, "p3": 1}
@@ -246,24 +247,24 @@ def test_truncated_log_line_is_ignored_and_cut_off(setup, caplog):
         stop(server)
     assert [json.loads(x)["photo_id"] for x in log.read_text().splitlines()] == ["p1", "p1", "p3", "p2"]
     log.write_text(text.replace('"p3"', '"p3', 1) + text)  # a bad line in the middle is an error
-    with pytest.raises(relabel.RelabelError, match=r"log.jsonl: line 3"):
-        relabel.replay(log)
+    with pytest.raises(relabel_log.RelabelError, match=r"log.jsonl: line 3"):
+        relabel_log.replay(log)
 
 
 def test_bad_inputs_name_the_file(setup, tmp_path):
     b = setup["build"]
-    with pytest.raises(relabel.RelabelError, match="dedup.csv: no lat/lon"):
-        relabel.load_queries(b / "dedup.csv")
+    with pytest.raises(relabel_log.RelabelError, match="dedup.csv: no lat/lon"):
+        relabel_log.load_queries(b / "dedup.csv")
     bad = tmp_path / "q.csv"
     pd.DataFrame({"photo_id": ["a"], "lat": [1.0], "lon": [2.0]}).to_csv(bad, index=False)
-    with pytest.raises(relabel.RelabelError, match=r"q.csv: missing columns \['file'\]"):
-        relabel.load_queries(bad)
+    with pytest.raises(relabel_log.RelabelError, match=r"q.csv: missing columns \['file'\]"):
+        relabel_log.load_queries(bad)
     pd.DataFrame({"photo_id": ["a"], "file": ["a.jpg"], "lat": [100.0], "lon": [2.0]}).to_csv(bad, index=False)
-    with pytest.raises(relabel.RelabelError, match="q.csv: 1 positions out of range"):
-        relabel.load_queries(bad)
+    with pytest.raises(relabel_log.RelabelError, match="q.csv: 1 positions out of range"):
+        relabel_log.load_queries(bad)
     with pytest.raises(FileNotFoundError, match="missing.csv"):
-        relabel.load_queries(tmp_path / "missing.csv")
-    q = relabel.load_queries(b / "dedup.csv", b / "collected" / "photos.csv")
+        relabel_log.load_queries(tmp_path / "missing.csv")
+    q = relabel_log.load_queries(b / "dedup.csv", b / "collected" / "photos.csv")
     assert list(q.photo_id) == ["p1", "p2", "p3", "p4", "p5"] and q.lat.notna().all()
 
 
@@ -273,7 +274,7 @@ def test_main_replay_only(setup, capsys, caplog):
             "--photos", str(b / "collected"), "--db-root", str(setup["root"]), "--build", str(b)]
     assert relabel.main(base + ["--db-table", str(setup["table"]), "--replay-only"]) == 0
     assert json.loads(capsys.readouterr().out) == {"unreviewed": 5}
-    assert pd.read_csv(b / "relabel" / "labels.csv").columns.tolist() == relabel.LABEL_COLUMNS
+    assert pd.read_csv(b / "relabel" / "labels.csv").columns.tolist() == relabel_log.LABEL_COLUMNS
     assert relabel.main(base + ["--db-table", str(setup["tmp"] / "nope.csv")]) == 1
     assert "nope.csv: index table not found" in caplog.text
 
