@@ -29,6 +29,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "print Recall@N of top-k files"),
     "results": ("evaluate", "write results/{dataset}/{method}.csv from a top-k file"),
     "check-weights": ("weights", "load a model's weights once (keys, shapes, safety) before any job"),
+    "weights": ("weights", "registered weights and data: list, fetch (download + verify), verify a file"),
     "extract-local": ("extract_local", "local features of the queries and their top-K candidates"),
     "match": ("rerank", "match every query with its top-K candidates"),
     "score": ("rerank", "score matches and write the re-ranked top-k file"),

@@ -55,6 +55,10 @@ class Registry:
         if not isinstance(trust, bool):
             raise ValueError(f"{self.kind} {conf['name']!r}: trust must be true or false, not {trust!r}")
         cls = self.get(conf["name"])
+        from .assets import names_assets, resolve_conf
+
+        if names_assets(conf):  # weights: auto (or an asset name): the registered file, fetched if needed
+            conf = resolve_conf(conf, fetch_missing=True, fill=self.full_conf)
         with trusting(trust):
             return cls(conf)
 

@@ -24,7 +24,7 @@ from .conftest import REPO
 
 PKG = REPO / "pipeline"
 LAYERS = {  # module or package prefix -> layer
-    "core": ["datasets", "args", "conf", "conf_checks", "io", "images", "loader", "gpus", "geodesy", "checkpoints", "registry",
+    "core": ["datasets", "args", "conf", "download", "assets", "conf_checks", "io", "images", "loader", "gpus", "geodesy", "checkpoints", "registry",
              "redact", "global_store", "topk", "index_plan", "datasets.names", "datasets.geo", "pycls_resnet"],
     "models": ["global_features", "local_features", "matchers", "scorers"],
     "stores": ["local_store", "match_store", "config"],
