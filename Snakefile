@@ -26,8 +26,8 @@ include: "workflow/rules/nightset.smk"
 rule all:
     default_target: True
     input:
+        # methods whose registered weights (weights: auto) have no local copy yet are built
+        # when asked for by name (they download first); methods run with random checkpoints
+        # (weights under work_dir/random_weights) too: their recalls mean nothing
         all_results(),
-        # methods run with random checkpoints (weights under work_dir/random_weights) are
-        # built only when asked for by name: their recalls mean nothing
-        [results_file(d, m) for d in DATASETS for m in RERANK if rerank_available(d, m)
-         and not method_random_weights(m)],
+        [results_file(d, m) for d in DATASETS for m in RERANK if in_default_target(d, m)],

@@ -40,6 +40,7 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 MIRROR_ENV = "VG_ASSET_MIRROR"
+RETRIES_ENV = "VG_DOWNLOAD_RETRIES"  # retries per URL (default 4)
 CHUNK = 1 << 20
 #: answers worth retrying on the same URL (rate limits, server trouble)
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -185,12 +186,14 @@ def _fetch_once(session, url: str, part: Path, timeout: float, progress: bool, d
         raise _Retry(f"connection closed after {got} of {total} bytes")
 
 
-def download(urls: list[str], dest, sha256: str | None = None, size: int | None = None, retries: int = 4,
+def download(urls: list[str], dest, sha256: str | None = None, size: int | None = None, retries: int | None = None,
              backoff: float = 1.0, timeout: float = 60.0, progress: bool = True, manual: str | None = None,
              session: requests.Session | None = None) -> Result:
     """Fetch ``dest`` from the first of ``urls`` that gives it (mirror first, see the module
     doc), verified against ``sha256`` / ``size`` where given."""
     dest = Path(dest)
+    if retries is None:
+        retries = int(os.environ.get(RETRIES_ENV, "4"))
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     session = session or requests.Session()

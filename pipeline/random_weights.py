@@ -80,18 +80,23 @@ def weight_paths(conf) -> list[str]:
 
 
 def weights_label(conf) -> str:
-    """``RANDOM (...)`` when a weight file of ``conf`` is a random checkpoint, else ``trained``
-    (``none`` for a conf without weight files)."""
-    paths = weight_paths(conf)
-    random = []
+    """``RANDOM (...)`` when a weight file of ``conf`` is a random checkpoint; else the weight
+    files themselves, each as ``<file name> sha256:<12 hex>`` (``weights: auto`` and asset
+    names resolved to the registered files); ``none`` for a conf without weight files."""
+    from .assets import describe_file, resolve_conf
+    from .weights import full_model_conf
+
+    paths = weight_paths(resolve_conf(conf, fill=full_model_conf))
+    random, files = [], []
     for p in paths:
         side = Path(p).with_name(Path(p).name + SUFFIX)
         if side.is_file():
             info = json.loads(side.read_text())
             random.append(f"{info['model']} seed {info['seed']}")
+        files.append(describe_file(p) if Path(p).exists() else f"{Path(p).name} (missing)")
     if random:
         return "RANDOM untrained weights (" + ", ".join(random) + "): recalls are not meaningful"
-    return "trained" if paths else "none"
+    return ", ".join(files) if paths else "none"
 
 
 def _arguments(p):

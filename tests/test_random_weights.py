@@ -1,5 +1,6 @@
 """Random checkpoints in official layouts: written atomically, labelled, found again in results."""
 
+import hashlib
 import json
 
 import pytest
@@ -18,7 +19,12 @@ def test_random_checkpoint_loads_through_the_official_loader_and_is_labelled(tmp
     assert build_matcher({"name": "superglue", "weights": str(path)}).layout == "plain state_dict"
     conf = {"method": {"k": 5}, "matcher": {"name": "superglue", "weights": str(path)}, "features": None}
     assert weights_label(conf).startswith("RANDOM untrained weights (superglue seed 3)")
-    assert weights_label({"matcher": {"weights": str(tmp_path / "trained.pth")}}) == "trained"
+    trained = tmp_path / "trained.pth"
+    trained.write_bytes(b"weights")
+    # a trained file is named with its sha256, so a results row says exactly which file it came from
+    assert weights_label({"matcher": {"weights": str(trained)}}) == "trained.pth sha256:" + hashlib.sha256(
+        b"weights").hexdigest()[:12]
+    assert weights_label({"matcher": {"weights": str(tmp_path / "gone.pth")}}) == "gone.pth (missing)"
     assert weights_label({"scorer": {"name": "ransac"}}) == "none"
     # the same seed gives the same weights
     a = torch.load(write_random("superglue", tmp_path / "again.pth", seed=3), weights_only=True)

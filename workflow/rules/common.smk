@@ -33,6 +33,7 @@ GPUS = config["gpus_per_job"]  # the `gpu` resource of the GPU-capable rules
 # trivial jobs run where snakemake runs, never as cluster jobs
 localrules:
     stamp,
+    fetch_weights,
     check_weights,
     results,
     rerank_results,
@@ -141,8 +142,17 @@ def available(dataset, method):
     return bool(DATASETS[dataset].get("root"))
 
 
+def global_weights_here(method):
+    """Whether a global method's registered weights (checkpoint: auto) have a local copy."""
+    from pipeline.assets import conf_assets
+    from pipeline.weights import full_model_conf
+
+    return weights_here(conf_assets(GMETHODS[method].get("model", {}), fill=full_model_conf))
+
+
 def all_results():
-    return [results_file(d, m) for d in DATASETS for m in GMETHODS if available(d, m)]
+    """Retrieval results of the default target (methods whose weights are here)."""
+    return [results_file(d, m) for d in DATASETS for m in GMETHODS if available(d, m) and global_weights_here(m)]
 
 
 rule stamp:

@@ -83,6 +83,11 @@ def report_folder():
     return f"{RESULTS}/report"
 
 
+def weights_fetch_file(asset):
+    """The record of fetch_weights: a registered file fetched and verified (its path, sha256)."""
+    return f"{WORK}/weights/{asset}.json"
+
+
 def weights_check_file(kind, name):
     return f"{WORK}/checks/weights/{kind}/{name}.json"
 

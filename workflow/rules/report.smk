@@ -4,7 +4,7 @@
 
 def report_methods(dataset):
     """Re-ranking methods of the default target on this dataset (random checkpoints excluded)."""
-    return [m for m in RERANK if rerank_available(dataset, m) and not method_random_weights(m)]
+    return [m for m in RERANK if in_default_target(dataset, m)]
 
 
 def report_spec():

@@ -7,6 +7,39 @@ MATCHERS = config["matchers"]
 IMAGES = "images"  # the "features" part of the matches file name of image-input matchers
 
 
+def fetched_weights(conf):
+    """Records of fetch_weights for the registered files a conf names (weights: auto or a name)."""
+    from pipeline.assets import conf_assets
+    from pipeline.weights import full_model_conf
+
+    return [weights_fetch_file(a.name) for a in conf_assets(conf, fill=full_model_conf)]
+
+
+def method_assets(method):
+    """The registered files a re-ranking method's extractor and matcher name."""
+    from pipeline.assets import conf_assets
+    from pipeline.weights import full_model_conf
+
+    c = RERANK[method]
+    confs = [MATCHERS[c["matcher"]]] + ([LOCAL[c["features"]]] if c["features"] else [])
+    return [a for conf in confs for a in conf_assets(conf, fill=full_model_conf)]
+
+
+def weights_here(assets_):
+    """Whether every one of these registered files has a verified local copy (nothing to fetch)."""
+    from pipeline.assets import locate
+
+    return all(locate(a, remember=False) is not None for a in assets_)
+
+
+def in_default_target(dataset, method):
+    """Re-ranking methods the default target builds: on a dataset with images, not on random
+    checkpoints, with their registered weights here (no download), on a default retrieval."""
+    c = RERANK[method]
+    return (rerank_available(dataset, method) and not method_random_weights(method)
+            and weights_here(method_assets(method)) and global_weights_here(c["retrieval"]))
+
+
 def random_weights(conf):
     """Weight files of a conf that are random checkpoints this workflow makes (rule random_weights)."""
     from pipeline.random_weights import weight_paths
@@ -66,12 +99,30 @@ def weights_check(kind, name):
 SECTION = {"local": "local_features", "matcher": "matchers", "global": "global_methods"}
 
 
+rule fetch_weights:
+    """A registered weights file (pipeline/assets.yaml) found locally or downloaded, verified by
+    checksum and by its model's loader; first of all jobs (priority), so a dead link or no
+    network fails the run before any extraction, naming every URL and the manual step."""
+    output:
+        weights_fetch_file("{asset}"),
+    params:
+        progress=lambda w: "" if sys.stderr.isatty() else "--no-progress",
+    priority: 100
+    log:
+        log_file("fetch_weights_{asset}"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{PY} weights fetch {wildcards.asset} --stamp {output:q} {params.progress} 2> {log:q}"
+
+
 rule check_weights:
     """Load a model's weights once (keys, shapes, pickle safety), first of all jobs
     (priority): a wrong or missing file fails the run in seconds, naming the entry and
     the file, not after hours of retrieval."""
     input:
         weights=lambda w: random_weights(checked_conf(w.kind, w.name)),
+        fetched=lambda w: fetched_weights(checked_conf(w.kind, w.name)),
     output:
         weights_check_file("{kind}", "{name}"),
     wildcard_constraints:
@@ -95,6 +146,7 @@ rule extract_local:
         topk=lambda w: [p for p, _ in features_users(w.dataset, w.features)],
         index=index_summary_file("{dataset}"),
         weights=lambda w: random_weights(LOCAL[w.features]),
+        fetched=lambda w: fetched_weights(LOCAL[w.features]),
         checked=lambda w: [ancient(p) for p in weights_check("local", w.features)],  # order only, not mtime
     output:
         features_file("{dataset}", "{features}"),
@@ -126,6 +178,7 @@ def match_inputs(w):
     return {
         **named_with_stamp(matches_file(w.dataset, w.retrieval, w.features, w.matcher), named),
         "weights": random_weights(MATCHERS[w.matcher]),
+        "fetched": fetched_weights(MATCHERS[w.matcher]),
         "checked": [ancient(p) for p in weights_check("matcher", w.matcher)],  # order only, not mtime
     }
 
