@@ -27,7 +27,8 @@ import yaml  # noqa: E402
 
 from pipeline.evaluate import evaluate_topk  # noqa: E402
 from pipeline.extract_local import extract_local  # noqa: E402
-from pipeline.random_weights import parse_name, weight_paths, write_random  # noqa: E402
+from pipeline.assets import weight_paths  # noqa: E402
+from pipeline.random_weights import parse_name, write_random  # noqa: E402
 from pipeline.rerank import NameResolver, match_topk, needed_images, score_topk  # noqa: E402
 from pipeline.topk import TopK, read_topk, write_topk  # noqa: E402
 

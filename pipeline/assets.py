@@ -268,6 +268,22 @@ def fetch(asset: Asset, progress: bool = True, dest: Path | None = None, accept=
 
 # ------------------------------------------------------------------ confs
 
+def weight_paths(conf) -> list[str]:
+    """Every weights/checkpoint path a (nested) conf names."""
+    out = []
+    if isinstance(conf, dict):
+        for key, value in conf.items():
+            if key in WEIGHT_KEYS and isinstance(value, str):
+                out.append(value)
+            else:
+                out += weight_paths(value)
+    elif isinstance(conf, list):
+        for value in conf:
+            out += weight_paths(value)
+    return out
+
+
+
 def asset_of_value(value, conf: dict, registry: dict[str, Asset] | None = None) -> Asset | None:
     """The asset a conf's weight value names (``auto``: the one for the conf's model and
     options; an asset name), or None for a path."""

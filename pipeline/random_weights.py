@@ -20,6 +20,7 @@ import json
 import re
 from pathlib import Path
 
+from .assets import weight_paths
 from .io import atomic_path, write_json
 
 #: model name -> module with ``write_random_checkpoint(path, seed, conf)``, or
@@ -38,7 +39,6 @@ MODELS: dict[str, str | tuple[str, dict]] = {
 }
 SUFFIX = ".random.json"
 NAME = re.compile(r"(?P<model>[a-z0-9_-]+?)_seed(?P<seed>\d+)(\.[a-z.]+)?")
-WEIGHT_KEYS = ("weights", "checkpoint")
 
 
 def write_random(model: str, path, seed: int = 0) -> Path:
@@ -62,21 +62,6 @@ def parse_name(path) -> tuple[str, int]:
     if not m:
         raise ValueError(f"{path}: random checkpoints are named <model>_seed<N>.pth (a folder: <model>_seed<N>)")
     return m["model"], int(m["seed"])
-
-
-def weight_paths(conf) -> list[str]:
-    """Every weights/checkpoint path a (nested) conf names."""
-    out = []
-    if isinstance(conf, dict):
-        for key, value in conf.items():
-            if key in WEIGHT_KEYS and isinstance(value, str):
-                out.append(value)
-            else:
-                out += weight_paths(value)
-    elif isinstance(conf, list):
-        for value in conf:
-            out += weight_paths(value)
-    return out
 
 
 def weights_label(conf) -> str:

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 from .args import json_arg
-from .assets import Asset, check_file, describe_file, fetch, find_asset, load_registry, locate, record
+from .assets import Asset, check_file, describe_file, fetch, find_asset, load_registry, locate, record, weight_paths
 from .io import write_json
-from .random_weights import weight_paths
 
 logger = logging.getLogger(__name__)
 KINDS = ("local", "matcher", "global")

@@ -42,7 +42,7 @@ def in_default_target(dataset, method):
 
 def random_weights(conf):
     """Weight files of a conf that are random checkpoints this workflow makes (rule random_weights)."""
-    from pipeline.random_weights import weight_paths
+    from pipeline.assets import weight_paths
 
     return [p for p in weight_paths(conf) if p.startswith(random_weights_dir() + "/")]
 
@@ -91,7 +91,7 @@ def checked_conf(kind, name):
 
 def weights_check(kind, name):
     """The stamp of check_weights for an entry with weight files (none without)."""
-    from pipeline.random_weights import weight_paths
+    from pipeline.assets import weight_paths
 
     return [weights_check_file(kind, name)] if weight_paths(checked_conf(kind, name)) else []
 
