@@ -192,7 +192,7 @@ def _results_arguments(p):
 
 def _results(a):
     positions = index_positions(a.index_dir) if a.index_dir else None
-    row = results_row(read_topk(a.topk), a.dataset, a.method, a.conf, a.threshold, a.ns, positions, _summary(a))
+    row = results_row(read_topk(a.topk, made_here=True), a.dataset, a.method, a.conf, a.threshold, a.ns, positions, _summary(a))
     write_results(a.out, [row])
     print(format_table([row], a.ns))
 
@@ -204,7 +204,7 @@ def _rerank_results_arguments(p):
 
 
 def _rerank_results(a):
-    rows = rerank_rows(read_topk(a.retrieval), read_topk(a.reranked), a.dataset, a.method, a.conf, a.threshold,
+    rows = rerank_rows(read_topk(a.retrieval, made_here=True), read_topk(a.reranked, made_here=True), a.dataset, a.method, a.conf, a.threshold,
                        a.ns, _summary(a))
     write_results(a.out, rows)
     print(format_table(rows, a.ns))
@@ -219,13 +219,23 @@ def main(argv=None):
     p.add_argument("--index-dir", help="the dataset's index tables, for names without positions")
     a = p.parse_args(argv)
     positions = index_positions(a.index_dir) if a.index_dir else None
-    rows = []
-    for path in a.topk:
-        r = evaluate_topk(path, a.threshold, a.ns, positions)
+    rows, failed = [], []
+    for path in a.topk:  # each file on its own: a bad one is reported, the others still evaluated
+        try:
+            r = evaluate_topk(path, a.threshold, a.ns, positions)
+        except (OSError, ValueError, KeyError) as e:  # missing, unreadable, wrong datasets, bad names
+            logger.error("%s", e)
+            failed.append(path)
+            continue
         rows.append({"method": Path(path).stem, **r})
-    print(format_table(rows, a.ns))
-    if a.out:
-        write_results(a.out, rows)
+    if rows:
+        print(format_table(rows, a.ns))
+        if a.out:
+            write_results(a.out, rows)
+    if failed:
+        logger.error("%d of %d top-k files could not be evaluated: %s", len(failed), len(a.topk), ", ".join(failed))
+        return 1
+    return 0
 
 
 #: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`); ``evaluate`` parses its own arguments

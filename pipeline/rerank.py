@@ -84,7 +84,7 @@ def needed_images(topks: list[tuple[str | Path, int]], resolve=lambda n: n) -> l
     """Queries plus the union of their first K candidates, over several top-k files."""
     names: dict[str, None] = {}
     for path, k in topks:
-        t = read_topk(path)
+        t = read_topk(path, made_here=True)
         if k > t.k:
             raise ValueError(f"{path}: re-ranking K={k} exceeds the {t.k} candidates per query")
         for n in t.query_names:
@@ -293,7 +293,7 @@ def match_topk(features: str | Path | None, matcher_conf: dict, topk_path, k: in
     read the images under ``root`` instead (``features`` None).
     """
     out = Path(out)
-    topk = read_topk(topk_path)
+    topk = read_topk(topk_path, made_here=True)
     if k > topk.k:
         raise ValueError(f"{topk_path}: K={k} exceeds the {topk.k} candidates per query")
     dev = pick_device(device)
@@ -577,7 +577,7 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
     ``workers`` > 1 scores queries in that many processes (RANSAC is seeded per pair, so
     the scores are the ones one process gives).
     """
-    topk = read_topk(topk_path)
+    topk = read_topk(topk_path, made_here=True)
     matches = Matches(matches_path)
     if matches.k < k:
         raise ValueError(f"{matches_path}: holds matches for K={matches.k} candidates, fewer than K={k}")

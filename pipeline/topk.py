@@ -86,15 +86,21 @@ def write_topk(path, topk: TopK, extra: dict | None = None) -> None:
             f.attrs["meta"] = json.dumps(topk.meta, default=str)
 
 
-def read_topk(path) -> TopK:
-    """Read and check a top-k file; errors name the file and the problem."""
+def read_topk(path, made_here: bool = False) -> TopK:
+    """Read and check a top-k file; errors name the file and the problem.
+
+    ``made_here``: the file is one of the pipeline's own outputs, so a damaged one is
+    rebuilt by deleting it; a file a user gives is never to be deleted (the advice says so).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: top-k file not found")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise TopKFormatError(f"{path}: not a readable HDF5 file ({e}); delete it to rebuild it") from None
+        advice = ("a damaged output of the pipeline: delete it and the workflow rebuilds it" if made_here else
+                  "damaged, truncated or not a top-k HDF5 file: check it, or copy or download it again")
+        raise TopKFormatError(f"{path}: not a readable HDF5 file ({e}); {advice}") from None
     with f:
         missing = [k for k in KEYS if k not in f]
         if missing:

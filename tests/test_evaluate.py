@@ -109,3 +109,27 @@ def test_left_out_queries_are_counted_and_can_count_as_misses():
             r["n_queries_left_out"]) == (22, 16, 15, 15, 7)
     assert r["R@1_all_found"] == pytest.approx(100 * 12 / 22)
     assert "R@1_all_found" not in evaluate_topk(topk, 25.0, (1,))  # without the index: as before
+
+
+def test_evaluate_command_reports_each_bad_file_and_evaluates_the_others(tmp_path, capsys, caplog):
+    """python -m pipeline evaluate good.h5 garbage.h5 missing.h5 names.h5: a table for the good
+    one, one error per bad one (advice fit for a user's file: never 'delete it'), exit 1."""
+    from pipeline.cli import main
+
+    good = tmp_path / "good.h5"
+    write_topk(good, topk_from_positions([(550000.0, 4180000.0)], [[(550010.0, 4180000.0), (551000.0, 4180000.0)]]))
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5")
+    names = tmp_path / "names.h5"
+    write_topk(names, TopK(["photo.jpg"], [[vg_name(550000.0, 4180000.0)]], [[0]], [[0.0]]))
+    code = main(["evaluate", str(good), str(garbage), str(tmp_path / "missing.h5"), str(names), "--ns", "1", "2"])
+    out, log = capsys.readouterr().out, caplog.text
+    assert code == 1
+    assert "good" in out and "100.0" in out  # the good file's table
+    for bad in ("garbage.h5", "missing.h5", "photo.jpg"):
+        assert bad in log, bad
+    assert "3 of 4 top-k files could not be evaluated" in log
+    assert "delete" not in log and "check it, or copy or download it again" in log
+    # a pipeline output gets the rebuild advice instead
+    with pytest.raises(TopKFormatError, match="delete it and the workflow rebuilds it"):
+        read_topk(garbage, made_here=True)

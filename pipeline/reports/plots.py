@@ -83,7 +83,7 @@ def recall_vs_time(results: pd.DataFrame, dataset: str, out_base) -> dict[str, l
 def recall_at_1_by_k(retrieval_topk, reranked_topk, threshold: float = 25.0, positions=None) -> pd.DataFrame:
     """R@1 after re-ranking the first K candidates, K = 1 .. the method's K, and the
     retrieval's R@1 and R@K (upper bound)."""
-    base, rr = read_topk(retrieval_topk), read_topk(reranked_topk)
+    base, rr = read_topk(retrieval_topk, made_here=True), read_topk(reranked_topk, made_here=True)
     kmax = int(rr.meta.get("rerank_k", 0))
     if not kmax:
         raise ValueError(f"{reranked_topk}: not a re-ranked top-k file (no rerank_k in its meta)")
