@@ -225,16 +225,15 @@ def main(argv=None):
             r = evaluate_topk(path, a.threshold, a.ns, positions)
         except (OSError, ValueError, KeyError) as e:  # missing, unreadable, wrong datasets, bad names
             logger.error("%s", e)
-            failed.append(path)
+            failed.append(str(e))
             continue
         rows.append({"method": Path(path).stem, **r})
     if rows:
         print(format_table(rows, a.ns))
         if a.out:
             write_results(a.out, rows)
-    if failed:
-        logger.error("%d of %d top-k files could not be evaluated: %s", len(failed), len(a.topk), ", ".join(failed))
-        return 1
+    if failed:  # raised, so the reasons also reach stdout (pipeline.cli) when the log is lost
+        raise ValueError(f"{len(failed)} of {len(a.topk)} top-k files could not be evaluated:\n  " + "\n  ".join(failed))
     return 0
 
 

@@ -123,7 +123,8 @@ def test_evaluate_command_reports_each_bad_file_and_evaluates_the_others(tmp_pat
     names = tmp_path / "names.h5"
     write_topk(names, TopK(["photo.jpg"], [[vg_name(550000.0, 4180000.0)]], [[0]], [[0.0]]))
     code = main(["evaluate", str(good), str(garbage), str(tmp_path / "missing.h5"), str(names), "--ns", "1", "2"])
-    out, log = capsys.readouterr().out, caplog.text
+    out = capsys.readouterr().out
+    log = caplog.text
     assert code == 1
     assert "good" in out and "100.0" in out  # the good file's table
     for bad in ("garbage.h5", "missing.h5", "photo.jpg"):
