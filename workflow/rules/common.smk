@@ -26,7 +26,7 @@ include: "paths.smk"
 # every rule runs the package's CLI, with the workflow folder on the path
 PY = (f"PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}} python -m pipeline"
       f" --max-pixels {int(config['max_pixels'])}")
-CONDA_ENV = "../../" + config["conda_env"]
+CONDA_ENV = os.path.join("..", "..", config["conda_env"])
 GPUS = config["gpus_per_job"]  # the `gpu` resource of the GPU-capable rules
 
 
@@ -155,9 +155,267 @@ def all_results():
     return [results_file(d, m) for d in DATASETS for m in GMETHODS if available(d, m) and global_weights_here(m)]
 
 
-rule stamp:
-    """The marker of rebuild_if_inputs_missing."""
-    output:
-        stamp_file("{path}"),
-    shell:
-        "touch {output:q}"
+# ---------------------------------------------------------------- datasets (rules in datasets.smk)
+
+def dataset_ready(wildcards):
+    """The synthetic dataset's marker (so it is generated first) and the positions CSV, if any."""
+    ds = DATASETS[wildcards.dataset]
+    ready = [f"{ds['root']}/synthetic.json"] if ds.get("synthetic") is not None else []
+    if ds.get("nightset"):  # a verified night query set: built by workflow/rules/nightset.smk
+        ready.append(nightset_file(ds["nightset"], "dataset/counts.json"))
+    return ready + ([ds["positions"]] if ds.get("positions") else [])
+
+
+def positions_arg(wildcards):
+    path = DATASETS[wildcards.dataset].get("positions")
+    return f"--positions {shlex.quote(path)}" if path else ""
+
+
+# ---------------------------------------------------------------- global (rules in global.smk)
+
+def fit_state(wildcards):
+    return [fit_file(wildcards.dataset, wildcards.gmethod)] if wildcards.gmethod in FITTED else []
+
+
+def fit_arg(wildcards, input):
+    return f"--fit-state {shlex.quote(input.fit[0])}" if input.fit else ""
+
+
+def index_inputs(w):
+    return named_with_stamp(faiss_index(w.dataset, w.gmethod), {"database": database_store(w.dataset, w.gmethod)})
+
+
+def search_inputs(w):
+    d, g = w.dataset, w.gmethod
+    return named_with_stamp(topk_file(d, g), {"index": faiss_index(d, g), "queries": queries_store(d, g),
+                                              "database": database_store(d, g)})
+
+
+# ---------------------------------------------------------------- evaluate (rules in evaluate.smk)
+
+def index_tables(w):
+    """Datasets with a positions CSV are evaluated with their index tables (names carry no position)."""
+    return [index_summary_file(w.dataset)] if DATASETS[w.dataset].get("positions") else []
+
+
+def index_summary(dataset):
+    """The index summary of a dataset with images (query counts for the results); none for
+    datasets that only import top-k files."""
+    return [index_summary_file(dataset)] if DATASETS[dataset].get("root") else []
+
+
+# ---------------------------------------------------------------- rerank (rules in rerank.smk)
+
+RERANK = config["rerank_methods"]
+
+
+LOCAL = config["local_features"]
+
+
+MATCHERS = config["matchers"]
+
+
+IMAGES = "images"  # the "features" part of the matches file name of image-input matchers
+
+
+def fetched_weights(conf):
+    """Records of fetch_weights for the registered files a conf names (weights: auto or a name)."""
+    from pipeline.assets import conf_assets
+    from pipeline.weights import full_model_conf
+
+    return [weights_fetch_file(a.name) for a in conf_assets(conf, fill=full_model_conf)]
+
+
+def method_assets(method):
+    """The registered files a re-ranking method's extractor and matcher name."""
+    from pipeline.assets import conf_assets
+    from pipeline.weights import full_model_conf
+
+    c = RERANK[method]
+    confs = [MATCHERS[c["matcher"]]] + ([LOCAL[c["features"]]] if c["features"] else [])
+    return [a for conf in confs for a in conf_assets(conf, fill=full_model_conf)]
+
+
+def weights_here(assets_):
+    """Whether every one of these registered files has a verified local copy (nothing to fetch)."""
+    from pipeline.assets import locate
+
+    return all(locate(a, remember=False) is not None for a in assets_)
+
+
+def in_default_target(dataset, method):
+    """Re-ranking methods the default target builds: on a dataset with images, not on random
+    checkpoints, with their registered weights here (no download), on a default retrieval."""
+    c = RERANK[method]
+    return (rerank_available(dataset, method) and not method_random_weights(method)
+            and weights_here(method_assets(method)) and global_weights_here(c["retrieval"]))
+
+
+def random_weights(conf):
+    """Weight files of a conf that are random checkpoints this workflow makes (rule random_weights)."""
+    from pipeline.assets import weight_paths
+
+    return [p for p in weight_paths(conf) if p.startswith(random_weights_dir() + "/")]
+
+
+def method_random_weights(method):
+    c = RERANK[method]
+    confs = [MATCHERS[c["matcher"]]] + ([LOCAL[c["features"]]] if c["features"] else [])
+    return [p for conf in confs for p in random_weights(conf)]
+
+
+def features_part(c):
+    return c["features"] or IMAGES
+
+
+def rerank_available(dataset, method):
+    return bool(DATASETS[dataset].get("root")) and available(dataset, RERANK[method]["retrieval"])
+
+
+def features_users(dataset, features):
+    """(top-k file, K) of every re-ranking method that needs these features on this dataset."""
+    pairs = {}
+    for m, c in RERANK.items():
+        if c["features"] == features and rerank_available(dataset, m):
+            path = topk_file(dataset, c["retrieval"])
+            pairs[path] = max(pairs.get(path, 0), c["k"])
+    return sorted(pairs.items())
+
+
+def match_k(retrieval, features, matcher):
+    """The largest K of the methods that share these matches."""
+    return max(c["k"] for c in RERANK.values()
+               if (c["retrieval"], features_part(c), c["matcher"]) == (retrieval, features, matcher))
+
+
+def resolver_args(wildcards):
+    return (f"--root {shlex.quote(DATASETS[wildcards.dataset]['root'])}"
+            f" --index-dir {shlex.quote(index_dir(wildcards.dataset))}")
+
+
+def checked_conf(kind, name):
+    """The model conf of a local-features, matcher or global-method entry."""
+    if kind == "global":
+        return GMETHODS[name].get("model", {})
+    return (LOCAL if kind == "local" else MATCHERS)[name]
+
+
+def weights_check(kind, name):
+    """The stamp of check_weights for an entry with weight files (none without)."""
+    from pipeline.assets import weight_paths
+
+    return [weights_check_file(kind, name)] if weight_paths(checked_conf(kind, name)) else []
+
+
+SECTION = {"local": "local_features", "matcher": "matchers", "global": "global_methods"}
+
+
+def match_inputs(w):
+    named = {"topk": topk_file(w.dataset, w.retrieval)}
+    if w.features != IMAGES:
+        named["features"] = features_file(w.dataset, w.features)
+    return {
+        **named_with_stamp(matches_file(w.dataset, w.retrieval, w.features, w.matcher), named),
+        "weights": random_weights(MATCHERS[w.matcher]),
+        "fetched": fetched_weights(MATCHERS[w.matcher]),
+        "checked": [ancient(p) for p in weights_check("matcher", w.matcher)],  # order only, not mtime
+    }
+
+
+def features_arg(input):
+    return f"--features {shlex.quote(input.features)}" if "features" in input.keys() else ""
+
+
+def score_inputs(w):
+    c = RERANK[w.method]
+    named = {
+        "matches": matches_file(w.dataset, c["retrieval"], features_part(c), c["matcher"]),
+        "topk": topk_file(w.dataset, c["retrieval"]),
+    }
+    if c["features"]:  # index matches need the keypoints; every method reports the extraction time
+        named["features"] = features_file(w.dataset, c["features"])
+    return named_with_stamp(rerank_file(w.dataset, w.method), named)
+
+
+def rerank_results_inputs(w):
+    return {**named_with_stamp(results_file(w.dataset, w.method), {
+        "reranked": rerank_file(w.dataset, w.method),
+        "retrieval": topk_file(w.dataset, RERANK[w.method]["retrieval"]),
+    }), "summary": index_summary(w.dataset)}
+
+
+# ---------------------------------------------------------------- report (rules in report.smk)
+
+def report_methods(dataset):
+    """Re-ranking methods of the default target on this dataset (random checkpoints excluded)."""
+    return [m for m in RERANK if in_default_target(dataset, m)]
+
+
+def report_spec():
+    datasets = {}
+    for d in DATASETS:
+        results = [results_file(d, m) for m in GMETHODS if available(d, m) and global_weights_here(m)]
+        results += [results_file(d, m) for m in report_methods(d)]
+        if not results:
+            continue
+        methods = {}
+        for m in report_methods(d):
+            c = RERANK[m]
+            methods[m] = {
+                "retrieval_topk": topk_file(d, c["retrieval"]),
+                "reranked_topk": rerank_file(d, m),
+                "features": features_file(d, c["features"]) if c["features"] else None,
+                "matches": matches_file(d, c["retrieval"], features_part(c), c["matcher"]),
+                "scorer": config["scorers"][c["scorer"]],
+            }
+        root = DATASETS[d].get("root")
+        datasets[d] = {"root": root, "index_dir": index_dir(d) if root else None,
+                       "results": results, "methods": methods}
+    return {"threshold_m": config["evaluation"]["threshold_m"], "n_queries": 4, "datasets": datasets}
+
+
+def dataset_results(dataset):
+    return report_spec()["datasets"][dataset]["results"]
+
+
+def report_inputs(wildcards):
+    spec = report_spec()
+    files = [summary_files(d)[0] for d in spec["datasets"]]
+    for ds in spec["datasets"].values():
+        files += ds["results"]
+        for c in ds["methods"].values():
+            files += [p for p in (c["retrieval_topk"], c["reranked_topk"], c["features"], c["matches"]) if p]
+    return sorted(set(files))
+
+
+# ---------------------------------------------------------------- nightset (rules in nightset.smk)
+
+NIGHTSETS = config.get("nightsets", {})
+
+
+def nbuild(w):
+    return nightset_dir(w.nightset)
+
+
+def ns_db_root(w):
+    return DATASETS[NIGHTSETS[w.nightset]["database"]]["root"]
+
+
+def collect_args(w):
+    ns = NIGHTSETS[w.nightset]
+    args = [f"--bbox={','.join(str(x) for x in ns['bbox'])}", "--no-progress"]
+    for key, value in sorted(ns.get("collect", {}).items()):
+        if value is not None:
+            args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+    return " ".join(args)
+
+
+def relabel_log(w):
+    log = nightset_file(w.nightset, "relabel/log.jsonl")
+    return [log] if os.path.exists(log) else []
+
+
+def filter_model_files(w):
+    """Classifier confs given as files (a fitted JSON conf, a trained checkpoint): inputs, so a change re-runs."""
+    values = NIGHTSETS[w.nightset].get("filter", {}).values()
+    return [v for v in values if isinstance(v, str) and v.endswith((".json", ".pt", ".pth"))]

@@ -1,20 +1,6 @@
 # Datasets: the built-in synthetic dataset, and the index stage (names, positions, checks).
 
 
-def dataset_ready(wildcards):
-    """The synthetic dataset's marker (so it is generated first) and the positions CSV, if any."""
-    ds = DATASETS[wildcards.dataset]
-    ready = [f"{ds['root']}/synthetic.json"] if ds.get("synthetic") is not None else []
-    if ds.get("nightset"):  # a verified night query set: built by workflow/rules/nightset.smk
-        ready.append(nightset_file(ds["nightset"], "dataset/counts.json"))
-    return ready + ([ds["positions"]] if ds.get("positions") else [])
-
-
-def positions_arg(wildcards):
-    path = DATASETS[wildcards.dataset].get("positions")
-    return f"--positions {shlex.quote(path)}" if path else ""
-
-
 for _name, _ds in DATASETS.items():
     if _ds.get("synthetic") is not None:
 
@@ -24,14 +10,15 @@ for _name, _ds in DATASETS.items():
             output:
                 f"{_ds['root']}/synthetic.json",
             params:
-                root=_ds["root"],
+                py=PY,
+                root=lambda w, output: os.path.dirname(output[0]),
                 conf=json.dumps(_ds["synthetic"], sort_keys=True),
             log:
                 log_file(f"synthetic_{_name}"),
             conda:
                 CONDA_ENV
             shell:
-                "{PY} synthetic --root {params.root:q} --conf {params.conf:q} 2> {log:q}"
+                "{params.py} synthetic --root {params.root:q} --conf {params.conf:q} 2> {log:q}"
 
 
 checkpoint index_dataset:
@@ -43,6 +30,7 @@ checkpoint index_dataset:
         skipped=index_table("{dataset}", "skipped"),
         summary=index_summary_file("{dataset}"),
     params:
+        py=PY,
         root=dataset_root,
         on_bad_name=lambda w: DATASETS[w.dataset]["on_bad_name"],
         out=lambda w, output: os.path.dirname(output.database),
@@ -55,5 +43,17 @@ checkpoint index_dataset:
     conda:
         CONDA_ENV
     shell:
-        "{PY} index --root {params.root:q} --out {params.out:q} --on-bad-name {params.on_bad_name}"
+        "{params.py} index --root {params.root:q} --out {params.out:q} --on-bad-name {params.on_bad_name}"
         " --workers {threads} {params.positions} 2> {log:q}"
+
+
+rule stamp:
+    """The marker of rebuild_if_inputs_missing (common.smk)."""
+    output:
+        stamp_file("{path}"),
+    log:
+        log_file("stamps/{path}"),
+    conda:
+        CONDA_ENV
+    shell:
+        "touch {output:q} 2> {log:q}"

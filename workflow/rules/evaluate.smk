@@ -1,17 +1,6 @@
 # Evaluation: Recall@N of each method's top-k list -> results/{dataset}/{method}.csv
 
 
-def index_tables(w):
-    """Datasets with a positions CSV are evaluated with their index tables (names carry no position)."""
-    return [index_summary_file(w.dataset)] if DATASETS[w.dataset].get("positions") else []
-
-
-def index_summary(dataset):
-    """The index summary of a dataset with images (query counts for the results); none for
-    datasets that only import top-k files."""
-    return [index_summary_file(dataset)] if DATASETS[dataset].get("root") else []
-
-
 rule results:
     input:
         topk=lambda w: rebuild_if_inputs_missing(results_file(w.dataset, w.gmethod), [topk_file(w.dataset, w.gmethod)]),
@@ -22,6 +11,7 @@ rule results:
     wildcard_constraints:
         gmethod=alternation(GMETHODS),
     params:
+        py=PY,
         threshold=config["evaluation"]["threshold_m"],
         ns=" ".join(map(str, config["evaluation"]["recall_at"])),
         conf=lambda w: method_json(w.gmethod),
@@ -32,6 +22,6 @@ rule results:
     conda:
         CONDA_ENV
     shell:
-        "{PY} results --topk {input.topk[0]:q} --out {output:q} --dataset {wildcards.dataset}"
+        "{params.py} results --topk {input.topk[0]:q} --out {output:q} --dataset {wildcards.dataset}"
         " --method {wildcards.gmethod} --conf {params.conf:q} --threshold {params.threshold}"
         " --ns {params.ns} {params.index} {params.summary} 2> {log:q}"

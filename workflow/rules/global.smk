@@ -1,12 +1,5 @@
 # Stage 1: global descriptors (sharded, resumable) -> FAISS index -> top-k lists.
 
-def fit_state(wildcards):
-    return [fit_file(wildcards.dataset, wildcards.gmethod)] if wildcards.gmethod in FITTED else []
-
-
-def fit_arg(wildcards, input):
-    return f"--fit-state {shlex.quote(input.fit[0])}" if input.fit else ""
-
 
 rule fit_global:
     """Fit a global model's codebook/PCA (VLAD) on a sample of database images."""
@@ -18,6 +11,7 @@ rule fit_global:
     wildcard_constraints:
         gmethod=alternation(FITTED),
     params:
+        py=PY,
         root=dataset_root,
         conf=lambda w: method_json(w.gmethod),
     log:
@@ -30,7 +24,7 @@ rule fit_global:
     conda:
         CONDA_ENV
     shell:
-        "{PY} --threads {threads} fit-global --conf {params.conf:q} --root {params.root:q}"
+        "{params.py} --threads {threads} fit-global --conf {params.conf:q} --root {params.root:q}"
         " --table {input.table:q} --out {output:q} 2> {log:q}"
 
 
@@ -45,6 +39,7 @@ rule extract_database_shard:
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
+        py=PY,
         root=dataset_root,
         conf=lambda w: method_json(w.gmethod),
         shard_size=config["retrieval"]["shard_size"],
@@ -59,7 +54,7 @@ rule extract_database_shard:
     conda:
         CONDA_ENV
     shell:
-        "{PY} --threads {threads} extract-global --conf {params.conf:q} --root {params.root:q}"
+        "{params.py} --threads {threads} extract-global --conf {params.conf:q} --root {params.root:q}"
         " --table {input.table:q} --out {output:q} --split database --dataset {wildcards.dataset}"
         " --shard {wildcards.shard} --shard-size {params.shard_size} {params.fit} 2> {log:q}"
 
@@ -75,6 +70,7 @@ rule extract_queries:
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
+        py=PY,
         root=dataset_root,
         conf=lambda w: method_json(w.gmethod),
         fit=fit_arg,
@@ -88,7 +84,7 @@ rule extract_queries:
     conda:
         CONDA_ENV
     shell:
-        "{PY} --threads {threads} extract-global --conf {params.conf:q} --root {params.root:q}"
+        "{params.py} --threads {threads} extract-global --conf {params.conf:q} --root {params.root:q}"
         " --table {input.table:q} --out {output:q} --split queries --dataset {wildcards.dataset}"
         " {params.fit} 2> {log:q}"
 
@@ -102,6 +98,7 @@ rule gather_database:
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
+        py=PY,
         chunk_rows=config["retrieval"]["gather_chunk_rows"],
         shards=lambda w, input: " ".join(shlex.quote(p) for p in input if p.endswith(".zarr")),
     log:
@@ -112,23 +109,20 @@ rule gather_database:
     conda:
         CONDA_ENV
     shell:
-        "{PY} gather-global --out {output:q} --chunk-rows {params.chunk_rows} {params.shards} 2> {log:q}"
-
-
-def index_inputs(w):
-    return rebuild_if_inputs_missing(faiss_index(w.dataset, w.gmethod), [database_store(w.dataset, w.gmethod)])
+        "{params.py} gather-global --out {output:q} --chunk-rows {params.chunk_rows} {params.shards} 2> {log:q}"
 
 
 rule build_index:
     """FAISS index over the database store (type chosen by size, or retrieval.index)."""
     input:
-        index_inputs,
+        unpack(index_inputs),
     output:
         index=faiss_index("{dataset}", "{gmethod}"),
         names=faiss_index("{dataset}", "{gmethod}") + ".json",
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
+        py=PY,
         index=config["retrieval"]["index"],
         options=" ".join(
             f"--{k.replace('_', '-')} {config['retrieval'][k]}"
@@ -142,23 +136,19 @@ rule build_index:
     conda:
         CONDA_ENV
     shell:
-        "{PY} build-index --out {output.index:q} --index {params.index:q} {params.options} {input[0]:q} 2> {log:q}"
-
-
-def search_inputs(w):
-    d, g = w.dataset, w.gmethod
-    return rebuild_if_inputs_missing(topk_file(d, g), [faiss_index(d, g), queries_store(d, g), database_store(d, g)])
+        "{params.py} build-index --out {output.index:q} --index {params.index:q} {params.options} {input.database:q} 2> {log:q}"
 
 
 rule search:
     """Top-k database candidates of every query (compressed indexes: re-scored exactly)."""
     input:
-        search_inputs,
+        unpack(search_inputs),
     output:
         topk_file("{dataset}", "{gmethod}"),
     wildcard_constraints:
         gmethod=alternation(EXTRACTED),
     params:
+        py=PY,
         k=config["retrieval"]["k"],
         nprobe=config["retrieval"]["nprobe"],
         gpu=config["retrieval"]["gpu"],
@@ -172,7 +162,7 @@ rule search:
     conda:
         CONDA_ENV
     shell:
-        "{PY} search --index {input[0]:q} --queries {input[1]:q} --database {input[2]:q} --out {output:q}"
+        "{params.py} search --index {input.index:q} --queries {input.queries:q} --database {input.database:q} --out {output:q}"
         " --k {params.k} --nprobe {params.nprobe} --gpu {params.gpu} --rescore {params.rescore}"
         " --meta {params.meta:q} 2> {log:q}"
 
@@ -186,10 +176,11 @@ rule import_topk:
     wildcard_constraints:
         gmethod=alternation(IMPORTED),
     params:
+        py=PY,
         k=config["retrieval"]["k"],
     log:
         log_file("import_{dataset}_{gmethod}"),
     conda:
         CONDA_ENV
     shell:
-        "{PY} import-topk --src {input:q} --dst {output:q} --k {params.k} 2> {log:q}"
+        "{params.py} import-topk --src {input:q} --dst {output:q} --k {params.k} 2> {log:q}"

@@ -4,36 +4,13 @@
 # Relabelling is interactive: `python -m pipeline nightset-relabel ...` (see README); the
 # labels rule replays its decision log, so re-running the workflow picks up new decisions.
 
-NIGHTSETS = config.get("nightsets", {})
-
-
-def nbuild(w):
-    return nightset_dir(w.nightset)
-
-
-def ns_db_root(w):
-    return DATASETS[NIGHTSETS[w.nightset]["database"]]["root"]
-
-
-def collect_args(w):
-    ns = NIGHTSETS[w.nightset]
-    args = [f"--bbox={','.join(str(x) for x in ns['bbox'])}", "--no-progress"]
-    for key, value in sorted(ns.get("collect", {}).items()):
-        if value is not None:
-            args.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
-    return " ".join(args)
-
-
-def relabel_log(w):
-    log = nightset_file(w.nightset, "relabel/log.jsonl")
-    return [log] if os.path.exists(log) else []
-
 
 rule nightset_collect:
     """Geotagged photos of the area (Flickr photos.search; FLICKR_API_KEY from the environment)."""
     output:
         nightset_file("{nightset}", "collected/photos.csv"),
     params:
+        py=PY,
         build=nbuild,
         args=collect_args,
     log:
@@ -41,13 +18,7 @@ rule nightset_collect:
     conda:
         CONDA_ENV
     shell:
-        "{PY} nightset-collect --build {params.build:q} {params.args} 2> {log:q}"
-
-
-def filter_model_files(w):
-    """Classifier confs given as files (a fitted JSON conf, a trained checkpoint): inputs, so a change re-runs."""
-    values = NIGHTSETS[w.nightset].get("filter", {}).values()
-    return [v for v in values if isinstance(v, str) and v.endswith((".json", ".pt", ".pth"))]
+        "{params.py} nightset-collect --build {params.build:q} {params.args} 2> {log:q}"
 
 
 rule nightset_filter:
@@ -58,6 +29,7 @@ rule nightset_filter:
     output:
         nightset_file("{nightset}", "filtered.csv"),
     params:
+        py=PY,
         src=lambda w: f"{nbuild(w)}/collected",
         args=lambda w: " ".join(
             f"--{k.replace('_', '-')} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}"
@@ -69,7 +41,7 @@ rule nightset_filter:
     conda:
         CONDA_ENV
     shell:
-        "{PY} nightset-filter filter --src {params.src:q} --out {output:q} --workers {threads} {params.args} 2> {log:q}"
+        "{params.py} nightset-filter filter --src {params.src:q} --out {output:q} --workers {threads} {params.args} 2> {log:q}"
 
 
 rule nightset_dedupe:
@@ -80,6 +52,7 @@ rule nightset_dedupe:
     output:
         nightset_file("{nightset}", "dedup.csv"),
     params:
+        py=PY,
         src=lambda w: f"{nbuild(w)}/collected",
         conf=lambda w: json.dumps(NIGHTSETS[w.nightset].get("dedupe", {}), sort_keys=True),
     log:
@@ -88,7 +61,7 @@ rule nightset_dedupe:
     conda:
         CONDA_ENV
     shell:
-        "{PY} nightset-dedupe --src {params.src:q} --filtered {input.filtered:q} --out {output:q}"
+        "{params.py} nightset-dedupe --src {params.src:q} --filtered {input.filtered:q} --out {output:q}"
         " --conf {params.conf:q} --workers {threads} 2> {log:q}"
 
 
@@ -102,6 +75,7 @@ rule nightset_labels:
     output:
         nightset_file("{nightset}", "relabel/labels.csv"),
     params:
+        py=PY,
         build=nbuild,
         db_root=ns_db_root,
     log:
@@ -109,7 +83,7 @@ rule nightset_labels:
     conda:
         CONDA_ENV
     shell:
-        "{PY} nightset-relabel --queries {input.dedup:q} --positions {input.photos:q} --photos {params.build:q}/collected"
+        "{params.py} nightset-relabel --queries {input.dedup:q} --positions {input.photos:q} --photos {params.build:q}/collected"
         " --db-root {params.db_root:q} --db-table {input.db:q} --build {params.build:q} --replay-only 2> {log:q}"
 
 
@@ -121,6 +95,7 @@ rule nightset_verify:
     output:
         nightset_file("{nightset}", "dataset/counts.json"),
     params:
+        py=PY,
         build=nbuild,
         db_root=ns_db_root,
         db_index=lambda w: index_dir(NIGHTSETS[w.nightset]["database"]),
@@ -131,6 +106,6 @@ rule nightset_verify:
     conda:
         CONDA_ENV
     shell:
-        "{PY} nightset-verify --labels {input.labels:q} --photos {params.build:q}/collected --db-root {params.db_root:q}"
+        "{params.py} nightset-verify --labels {input.labels:q} --photos {params.build:q}/collected --db-root {params.db_root:q}"
         " --db-index {params.db_index:q} --build {params.build:q} --out {params.out:q}"
         " --threshold {params.threshold} 2> {log:q}"
