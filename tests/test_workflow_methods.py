@@ -62,19 +62,25 @@ METHODS = {
 K = 3
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("wf_methods")
+def tiny_project(wd, local, matchers, scorers, methods, k):
+    """A project folder with the tiny dataset, VLAD-SIFT retrieval (top-5) and these re-ranking
+    entries (each method re-ranking the top ``k`` on the CPU)."""
     make_dataset(wd / "data" / "tiny", n_db=12, n_q=4)
     config = {
         "datasets": {"tiny": {"root": "data/tiny"}},
         "global_methods": {"vlad_sift": METHOD},
         "retrieval": {"k": 5},
         "evaluation": {"recall_at": [1, 3, 5]},
-        "local_features": LOCAL, "matchers": MATCHERS, "scorers": SCORERS,
-        "rerank_methods": {m: {"retrieval": "vlad_sift", "k": K, "device": "cpu", **c} for m, c in METHODS.items()},
+        "local_features": local, "matchers": matchers, "scorers": scorers,
+        "rerank_methods": {m: {"retrieval": "vlad_sift", "k": k, "device": "cpu", **c} for m, c in methods.items()},
     }
     (wd / "config.yaml").write_text(yaml.safe_dump(config))
+    return wd
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    wd = tiny_project(tmp_path_factory.mktemp("wf_methods"), LOCAL, MATCHERS, SCORERS, METHODS, K)
     code, out = snakemake(wd, *[f"results/tiny/{m}.csv" for m in METHODS])
     assert code == 0, out
     return wd, out

@@ -10,28 +10,19 @@ import yaml
 
 from pipeline.random_weights import write_random
 
-from .conftest import REPO, WEIGHTS, make_dataset, need_shared
+from .conftest import REPO, WEIGHTS, need_shared
 from .http_assets import Route, serve
-from .test_workflow import METHOD, job_counts
+from .test_workflow import job_counts
+from .test_workflow_methods import tiny_project
 
 HOST = "https://release.example.org"
 
 
 def project(tmp_path):
-    wd = tmp_path / "wf"
-    make_dataset(wd / "data" / "tiny", n_db=12, n_q=4)
-    config = {
-        "datasets": {"tiny": {"root": "data/tiny"}},
-        "global_methods": {"vlad_sift": METHOD},
-        "retrieval": {"k": 5},
-        "evaluation": {"recall_at": [1, 3, 5]},
-        "local_features": {"superpoint": {"name": "superpoint", "weights": "auto", "max_keypoints": 256}},
-        "matchers": {"superglue": {"name": "superglue", "weights": "auto"}},
-        "scorers": {"ransac": {"name": "ransac", "threshold": 24, "seed": 0}},
-        "rerank_methods": {"superglue": {"retrieval": "vlad_sift", "features": "superpoint", "matcher": "superglue",
-                                         "scorer": "ransac", "k": 3, "device": "cpu"}},
-    }
-    (wd / "config.yaml").write_text(yaml.safe_dump(config))
+    wd = tiny_project(tmp_path / "wf", local={"superpoint": {"name": "superpoint", "weights": "auto", "max_keypoints": 256}},
+                      matchers={"superglue": {"name": "superglue", "weights": "auto"}},
+                      scorers={"ransac": {"name": "ransac", "threshold": 24, "seed": 0}},
+                      methods={"superglue": {"features": "superpoint", "matcher": "superglue", "scorer": "ransac"}}, k=3)
     registry = {
         "superpoint-v1": {"model": "superpoint", "file": "superpoint_v1.pth", "licence": "Magic Leap non-commercial",
                           "non_commercial": True, "urls": [f"{HOST}/magicleap/superpoint_v1.pth"]},
