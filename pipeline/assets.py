@@ -22,6 +22,7 @@ that model and conf, and ``weights: <asset name>`` a named one (:func:`resolve_c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from .download import ChecksumError, download, sha256_file
-from .io import write_json
+from .io import hash_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +171,7 @@ def check_file(asset: Asset, path: Path) -> str:
 
 def git_blob_sha1(path) -> str:
     """The id git gives the file's content (``git hash-object``)."""
-    import hashlib
-
-    h = hashlib.sha1(f"blob {Path(path).stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path, "sha1", f"blob {Path(path).stat().st_size}\0".encode())
 
 
 def unpacked(asset: Asset, archive: Path) -> Path:
@@ -263,6 +258,8 @@ def fetch(asset: Asset, progress: bool = True, dest: Path | None = None, accept=
             dest.unlink()
             raise
     record(asset, dest, result.sha256)
+    st = dest.stat()  # hashed while downloading: check_file need not read it again
+    _verified[(str(dest.resolve()), st.st_size, st.st_mtime_ns)] = result.sha256
     return target
 
 
@@ -353,8 +350,6 @@ def describe_file(path) -> str:
     """``<file name> sha256:<first 12>`` of a weights file (or folder: its files' hashes)."""
     path = Path(path)
     if path.is_dir():
-        import hashlib
-
         h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode())

@@ -13,6 +13,7 @@ import hashlib
 import json
 
 from .conf_checks import check_values
+from .io import hash_file
 
 
 def merge_conf(default: dict, conf: dict | None, where: str, check: bool = True) -> dict:
@@ -41,8 +42,4 @@ def conf_hash(conf) -> str:
 
 def file_hash(path) -> str:
     """12 hex digits identifying a file's bytes."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return hash_file(path, "sha1")[:12]

@@ -24,7 +24,6 @@ test server).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -37,11 +36,12 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from tqdm import tqdm
 
+from .io import hash_file
+
 logger = logging.getLogger(__name__)
 
 MIRROR_ENV = "VG_ASSET_MIRROR"
 RETRIES_ENV = "VG_DOWNLOAD_RETRIES"  # retries per URL (default 4)
-CHUNK = 1 << 20
 #: answers worth retrying on the same URL (rate limits, server trouble)
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -54,12 +54,8 @@ class ChecksumError(ValueError):
     """A downloaded (or found) file whose sha256 or size is not the expected one."""
 
 
-def sha256_file(path, chunk: int = CHUNK) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path) -> str:
+    return hash_file(path, "sha256")
 
 
 def mirrored(urls: list[str], mirror: str | None = None) -> list[str]:
@@ -146,15 +142,12 @@ def _fetch_once(session, url: str, part: Path, timeout: float, progress: bool, d
         r = session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
     except (requests.ConnectionError, requests.Timeout) as e:
         raise _Retry(f"cannot connect ({type(e).__name__}: {e})") from None
-    params_followed = False
-    while _is_html(r) and r.status_code == 200 and not params_followed:
-        page = r.text
-        target = confirmation_target(page, r.url)
+    if _is_html(r) and r.status_code == 200:  # a confirmation page: followed once
+        target = confirmation_target(r.text, r.url)
         if target is None:
             raise ValueError(f"an HTML page instead of the file (at {r.url})")
         logger.info("%s: following the confirmation page", url)
         r = session.get(target[0], params=target[1], headers=headers, stream=True, timeout=timeout)
-        params_followed = True
     if _is_html(r) and r.status_code == 200:
         raise ValueError(f"an HTML page instead of the file, also after its confirmation (at {r.url})")
     if r.status_code == 416 and have:  # the part is complete already (or the server lost it): check it

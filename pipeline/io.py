@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
+
+
+def hash_file(path, algorithm: str = "sha256", prefix: bytes = b"") -> str:
+    """The hex digest of ``prefix`` + a file's bytes, read in 1 MB blocks."""
+    h = hashlib.new(algorithm, prefix)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -98,10 +98,15 @@ def fetch_weights(name: str, progress: bool = True) -> dict:
     """A verified local copy of the registered file ``name`` (found or downloaded; checked by
     checksum and by its model's loader)."""
     asset = find_asset(name)
-    path = fetch(asset, progress=progress, accept=lambda p: load_check(asset, p))
+    loaded: dict[str, float] = {}  # a download is load-checked before it is accepted: not twice
+
+    def accept(p):
+        loaded["seconds"] = load_check(asset, p)
+
+    path = fetch(asset, progress=progress, accept=accept)
     # an unpacked archive: the archive was checked; the folder is identified by its files
     digest = check_file(asset, path) if path.is_file() else describe_file(path).split("sha256:")[1]
-    seconds = load_check(asset, path)
+    seconds = loaded["seconds"] if loaded else load_check(asset, path)
     return {"asset": name, "path": str(path), "sha256": digest, "load_seconds": seconds}
 
 
