@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from .download import ChecksumError, download, sha256_file
+from .download import Attempt, ChecksumError, download, mirrored, probe, sha256_file
 from .io import hash_file, write_json
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ class Asset:
     git_sha1: str | None = None  # git blob id (a file committed to a repository): checked without a sha256
     auto: bool = True  # what ``weights: auto`` may pick (else only by name)
     unpack: str | None = None  # an archive: the model reads the folder inside it that holds this entry
+    title: str = ""  # data: what it is, in words (e.g. "SF-XL test occlusion queries")
+    format: str | None = None  # data: how it is checked ("topk": a top-k HDF5 in the thesis's format)
+    published: dict | None = None  # data: what its authors published from it (recalls: pipeline/published.py)
 
 
 def load_registry(path=None) -> dict[str, Asset]:
@@ -357,3 +360,59 @@ def describe_file(path) -> str:
     return f"{path.name} sha256:{sha256_file(path)[:12]}"
 
 
+
+
+# ------------------------------------------------------------------ what a run needs
+
+_probed: dict[tuple, tuple[str | None, tuple[Attempt, ...]]] = {}  # (name, URLs) -> probe, for this process
+
+
+def availability(assets, timeout: float = 10.0) -> dict[str, tuple[str | None, tuple[Attempt, ...]]]:
+    """For each asset with no verified local copy: ``(url, attempts)``, the URL that answers
+    (mirror first, see :func:`pipeline.download.mirrored`) or None, and every failure.
+    Probed in parallel, once per process. Assets here are left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def key(a):
+        return a.name, tuple(mirrored(list(a.urls)))
+
+    todo = {key(a): a for a in assets if key(a) not in _probed and locate(a, remember=False) is None}
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+            found = dict(zip(todo, pool.map(lambda a: probe(list(a.urls), timeout=timeout), todo.values())))
+        for k, (url, attempts) in found.items():
+            _probed[k] = (url, tuple(attempts))
+    return {a.name: _probed[key(a)] for a in assets if key(a) in _probed}
+
+
+def unavailable(assets, timeout: float = 10.0) -> list[tuple[Asset, tuple[Attempt, ...]]]:
+    """The assets that are neither here nor downloadable now, each with its failed URLs."""
+    probed = availability(assets, timeout)
+    seen, out = set(), []
+    for a in assets:
+        if a.name in probed and probed[a.name][0] is None and a.name not in seen:
+            seen.add(a.name)
+            out.append((a, probed[a.name][1]))
+    return out
+
+
+def size_text(asset: Asset) -> str:
+    return f"{asset.size / 1e6:.1f} MB" if asset.size else "size unknown"
+
+
+def missing_message(missing: list[tuple[Asset, tuple[Attempt, ...]]]) -> str:
+    """One message for files that are neither here nor downloadable: each file, the URLs
+    tried (and why they failed) and where to put it by hand."""
+    lines = [f"{len(missing)} file(s) needed are not here and cannot be downloaded now (no network, or a dead link):"]
+    for a, attempts in missing:
+        lines.append(f"  {a.file}  ({a.name}: {a.title or a.model or a.kind}, {size_text(a)}, {a.licence or 'licence unknown'})")
+        for at in attempts or [Attempt(u, "not tried") for u in mirrored(list(a.urls))]:
+            lines.append(f"      {at.url}: {at.error}")
+        if not a.urls:
+            lines.append("      no URL is known")
+        lines.append(f"    put it at {cache_dir() / a.file}" + (f" ({a.manual})" if a.manual else "")
+                     + (f", sha256 {a.sha256}" if a.sha256 else ""))
+    looked = [d for i, d in enumerate(search_dirs()) if i == 0 or d.is_dir()]  # the cache, and folders that exist
+    lines.append(f"Looked in: {', '.join(str(d) for d in looked)} "
+                 f"(the cache is ${CACHE_ENV}; ${PATH_ENV} adds folders of copies you have).")
+    return "\n".join(lines)

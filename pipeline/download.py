@@ -19,7 +19,11 @@ manual step: where to put the file by hand.
 
 ``VG_ASSET_MIRROR`` (a base URL) is tried before every official URL:
 ``https://host/path`` -> ``<mirror>/host/path`` (a local copy of the release hosts, or a
-test server).
+test server); with ``VG_ASSET_MIRROR_ONLY=1`` only the mirror is (a site with no other way
+out, or a test that must never reach the real hosts).
+
+:func:`probe` asks whether a file can be downloaded now (one ranged request per URL), so
+a run can stop before its first job, naming every file it cannot get.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from .io import hash_file
 logger = logging.getLogger(__name__)
 
 MIRROR_ENV = "VG_ASSET_MIRROR"
+MIRROR_ONLY_ENV = "VG_ASSET_MIRROR_ONLY"  # "1": the mirror's copies only, never the official hosts
 RETRIES_ENV = "VG_DOWNLOAD_RETRIES"  # retries per URL (default 4)
 #: answers worth retrying on the same URL (rate limits, server trouble)
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -67,7 +72,37 @@ def mirrored(urls: list[str], mirror: str | None = None) -> list[str]:
     for url in urls:
         parts = urlsplit(url)
         out.append(f"{mirror.rstrip('/')}/{parts.netloc}{parts.path}" + (f"?{parts.query}" if parts.query else ""))
+    if os.environ.get(MIRROR_ONLY_ENV, "").lower() in ("1", "true", "yes"):
+        return out
     return out + [u for u in urls if u not in out]
+
+
+def probe(urls: list[str], timeout: float = 10.0, session: requests.Session | None = None) -> tuple[str | None, list]:
+    """``(url, attempts)``: the first of ``urls`` (mirror first) that answers with content to a
+    one-byte ranged GET (redirects followed), else None; ``attempts``: each failure. Nothing
+    is retried: a probe says whether a download can start now, not whether it will finish."""
+    session = session or requests.Session()
+    attempts: list[Attempt] = []
+    for url in mirrored(urls):
+        try:
+            with session.get(url, headers={"Range": "bytes=0-0"}, stream=True, timeout=timeout,
+                             allow_redirects=True) as r:
+                if r.status_code in (200, 206):
+                    return url, attempts
+                attempts.append(Attempt(url, f"HTTP {r.status_code}"))
+        except requests.RequestException as e:
+            attempts.append(Attempt(url, _short(e)))
+    return None, attempts
+
+
+def _short(e: Exception) -> str:
+    """A connection error in a line (requests nests the cause several levels deep)."""
+    text = str(e)
+    for hint in ("Name or service not known", "Temporary failure in name resolution", "Connection refused",
+                 "timed out", "Network is unreachable", "No route to host"):
+        if hint in text:
+            return f"{type(e).__name__}: {hint}"
+    return f"{type(e).__name__}: {text[:200]}"
 
 
 @dataclass

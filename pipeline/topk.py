@@ -127,6 +127,21 @@ def import_topk(src, dst, k: int | None = None) -> TopK:
     from them); ``k`` optionally truncates the lists.
     """
     src = Path(src)
+    topk = read_external_topk(src)
+    if k is not None:
+        if k > topk.k:
+            raise TopKFormatError(f"{src}: has {topk.k} candidates per query, fewer than k={k}")
+        topk = TopK(topk.query_names, topk.candidate_names[:, :k], topk.candidate_index[:, :k], topk.distances[:, :k], topk.meta)
+    topk.meta = {**topk.meta, "imported_from": str(src), "k": topk.k}
+    write_topk(dst, topk)
+    logger.info("imported %s: %d queries, k=%d", src, len(topk), topk.k)
+    return topk
+
+
+def read_external_topk(src) -> TopK:
+    """A top-k file from elsewhere (a user's, a published one), read and checked: every
+    query and candidate name must be a VG benchmark name (positions are read from them)."""
+    src = Path(src)
     topk = read_topk(src)
     bad = []
     for name in list(topk.query_names) + list(topk.candidate_names.ravel()):
@@ -138,24 +153,28 @@ def import_topk(src, dst, k: int | None = None) -> TopK:
                 break
     if bad:
         raise TopKFormatError(f"{src}: names without positions, e.g.\n  " + "\n  ".join(bad))
-    if k is not None:
-        if k > topk.k:
-            raise TopKFormatError(f"{src}: has {topk.k} candidates per query, fewer than k={k}")
-        topk = TopK(topk.query_names, topk.candidate_names[:, :k], topk.candidate_index[:, :k], topk.distances[:, :k], topk.meta)
-    topk.meta = {**topk.meta, "imported_from": str(src), "k": topk.k}
-    write_topk(dst, topk)
-    logger.info("imported %s: %d queries, k=%d", src, len(topk), topk.k)
     return topk
 
 
 def _import_arguments(p):
-    p.add_argument("--src", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--src", help="the top-k HDF5 file")
+    src.add_argument("--asset", help="a registered data file (pipeline/assets.yaml), found locally (fetch it first)")
     p.add_argument("--dst", required=True)
     p.add_argument("--k", type=int, default=None)
 
 
 def _import(a):
-    import_topk(a.src, a.dst, a.k)
+    src = a.src
+    if a.asset:
+        from .assets import find_asset, locate
+
+        asset = find_asset(a.asset)
+        src = locate(asset)
+        if src is None:
+            raise FileNotFoundError(f"{asset.name} ({asset.file}) is not here: "
+                                    f"python -m pipeline assets fetch {asset.name}")
+    import_topk(src, a.dst, a.k)
 
 
 #: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)

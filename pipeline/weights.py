@@ -81,9 +81,20 @@ def full_model_conf(conf: dict) -> dict:
 
 
 def load_check(asset: Asset, path) -> float:
-    """Build ``asset``'s model from ``path`` on the CPU (the loader checks keys and shapes);
-    seconds taken. A ValueError names the file when it does not load."""
-    if asset.kind != "weights" or asset.model is None:
+    """Build ``asset``'s model from ``path`` on the CPU (the loader checks keys and shapes), or
+    read a data file as its format says (a top-k file: its names carry positions); seconds
+    taken. A ValueError names the file when it does not load."""
+    if asset.kind == "data":
+        t0 = time.perf_counter()
+        if asset.format == "topk":
+            from .topk import read_external_topk
+
+            try:
+                read_external_topk(path)
+            except Exception as e:
+                raise ValueError(f"{path}: not {asset.name}'s top-k file: {e}") from None
+        return time.perf_counter() - t0
+    if asset.model is None:
         return 0.0
     conf = {"name": asset.model, **asset.conf, asset.key: str(path)}
     t0 = time.perf_counter()
@@ -126,7 +137,7 @@ def _list(a):
         if a.kind and asset.kind != a.kind:
             continue
         here = locate(asset, remember=False) if a.check else None
-        rows.append((asset.name, asset.model or "-", asset.file, f"{asset.size / 1e6:.1f} MB" if asset.size else "?",
+        rows.append((asset.name, asset.model or (f"data: {asset.format}" if asset.format else "-"), asset.file, f"{asset.size / 1e6:.1f} MB" if asset.size else "?",
                      ("NON-COMMERCIAL: " if asset.non_commercial else "") + asset.licence[:40],
                      str(here) if here else ("missing" if a.check else "-")))
     widths = [max(len(r[i]) for r in rows + [("name", "model", "file", "size", "licence", "local copy")])
@@ -176,4 +187,5 @@ def _run(a):
 
 
 #: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
-COMMANDS = {"check-weights": (_arguments, _run), "weights": (_weights_arguments, _weights)}
+COMMANDS = {"check-weights": (_arguments, _run), "weights": (_weights_arguments, _weights),
+            "assets": (_weights_arguments, _weights)}

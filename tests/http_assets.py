@@ -80,7 +80,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # a client that read what it wanted (a probe)
+            self.close_connection = True
 
 
 class AssetServer(ThreadingHTTPServer):

@@ -12,7 +12,7 @@ from pipeline.download import DownloadError
 from pipeline.random_weights import write_random
 from pipeline.weights import fetch_weights, verify_file
 
-from .conftest import WEIGHTS, need_shared
+from .conftest import FIXTURE_TOPK, WEIGHTS, need_shared
 from .http_assets import Route, serve
 
 HOST = "https://release.example.org"
@@ -24,6 +24,7 @@ def registry(tmp_path, monkeypatch):
     monkeypatch.setenv("VG_WEIGHTS_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("VG_WEIGHTS_PATH", raising=False)
     monkeypatch.setattr(assets, "SHARED", tmp_path / "no_shared")
+    monkeypatch.setenv("VG_DOWNLOAD_RETRIES", "0")  # retries are test_download's; here they only wait on dead hosts
     path = tmp_path / "assets.yaml"
     monkeypatch.setenv("VG_ASSET_REGISTRY", str(path))
 
@@ -184,3 +185,48 @@ def test_weights_list_command(registry, capsys):
     assert main(["weights", "list"]) == 0
     out = capsys.readouterr().out
     assert "x.pth" in out and "2.0 MB" in out and "missing" in out
+
+
+def _topk_entry(data: bytes, **extra):
+    return {"kind": "data", "format": "topk", "file": "stage1.h5", "urls": [f"{HOST}/outputs/stage1.h5"],
+            "sha256": sha(data), "size": len(data), "licence": "none given", "title": "a query set", **extra}
+
+
+def test_a_data_file_is_fetched_and_read_as_a_topk_file(registry, tmp_path, monkeypatch):
+    data = need_shared(FIXTURE_TOPK).read_bytes()
+    registry({"stage1": _topk_entry(data)})
+    with serve({"/release.example.org/outputs/stage1.h5": Route(data)}) as s:
+        monkeypatch.setenv("VG_ASSET_MIRROR", s.url)
+        done = fetch_weights("stage1", progress=False)
+    assert done["path"] == str(tmp_path / "cache" / "stage1.h5") and done["sha256"] == sha(data)
+
+
+def test_a_data_file_that_is_no_topk_file_is_refused_and_deleted(registry, tmp_path, monkeypatch):
+    data = b"not an HDF5 file at all"
+    registry({"stage1": {**_topk_entry(data), "sha256": None, "size": None}})
+    with serve({"/release.example.org/outputs/stage1.h5": Route(data)}) as s:
+        monkeypatch.setenv("VG_ASSET_MIRROR", s.url)
+        with pytest.raises(ValueError, match="not stage1's top-k file"):
+            fetch_weights("stage1", progress=False)
+    assert not (tmp_path / "cache" / "stage1.h5").exists()
+
+
+def test_unavailable_files_are_named_together_with_their_urls(registry, tmp_path, monkeypatch):
+    here = tmp_path / "cache" / "here.pth"
+    here.parent.mkdir(parents=True)
+    here.write_bytes(b"local copy")
+    reg = registry({
+        "here": {"file": "here.pth", "urls": [f"{HOST}/here.pth"], "licence": "MIT"},
+        "served": {"file": "served.pth", "urls": [f"{HOST}/served.pth"], "licence": "MIT"},
+        "gone": {"file": "gone.pth", "urls": [f"{HOST}/gone.pth"], "licence": "MIT", "size": 3_000_000,
+                 "manual": "ask its authors"},
+    })
+    with serve({"/release.example.org/served.pth": Route(b"x" * 10)}) as s:
+        monkeypatch.setenv("VG_ASSET_MIRROR", s.url)
+        monkeypatch.setenv("VG_ASSET_MIRROR_ONLY", "1")
+        missing = assets.unavailable(list(reg.values()), timeout=5)
+        assert [a.name for a, _ in missing] == ["gone"]  # here: found; served: downloadable
+        msg = assets.missing_message(missing)
+    assert "gone.pth" in msg and "3.0 MB" in msg and f"{s.url}/release.example.org/gone.pth: HTTP 404" in msg
+    assert f"put it at {tmp_path / 'cache' / 'gone.pth'} (ask its authors)" in msg
+    assert f"{HOST}/gone.pth" not in msg  # mirror only: the official host was not tried

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipeline.download import ChecksumError, DownloadError, download, mirrored
+from pipeline.download import ChecksumError, DownloadError, download, mirrored, probe
 
 from .http_assets import Route, serve
 
@@ -112,3 +112,20 @@ def test_mirror_rewrites_every_url_and_tries_it_first(monkeypatch):
 
 def test_checksum_error_type():
     assert issubclass(ChecksumError, ValueError)
+
+
+def test_mirror_only_never_names_the_official_hosts(monkeypatch):
+    monkeypatch.setenv("VG_ASSET_MIRROR", "http://127.0.0.1:8000")
+    monkeypatch.setenv("VG_ASSET_MIRROR_ONLY", "1")
+    assert mirrored(["https://a.org/x.pth"]) == ["http://127.0.0.1:8000/a.org/x.pth"]
+
+
+def test_probe_says_which_url_answers_and_why_the_others_do_not(monkeypatch):
+    monkeypatch.delenv("VG_ASSET_MIRROR", raising=False)
+    with serve({"/b/x.pth": Route(b"x" * 100)}) as s:
+        url, attempts = probe([f"{s.url}/a/x.pth", f"{s.url}/b/x.pth"], timeout=5)
+        assert url == f"{s.url}/b/x.pth"
+        assert [(a.url, a.error) for a in attempts] == [(f"{s.url}/a/x.pth", "HTTP 404")]
+        assert s.requests[-1] == ("/b/x.pth", "bytes=0-0")  # one byte asked for, not the file
+    url, attempts = probe(["http://127.0.0.1:9/x.pth"], timeout=5)
+    assert url is None and "Connection refused" in attempts[0].error
