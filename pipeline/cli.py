@@ -30,6 +30,8 @@ COMMANDS = {
     "results": ("evaluate", "write results/{dataset}/{method}.csv from a top-k file"),
     "check-weights": ("weights", "load a model's weights once (keys, shapes, safety) before any job"),
     "weights": ("weights", "registered weights and data: list, fetch (download + verify), verify a file"),
+    "assets": ("weights", "the same as weights (registered weights and published data)"),
+    "published-recalls": ("published", "our Recall@N of published top-k files beside their authors' numbers"),
     "extract-local": ("extract_local", "local features of the queries and their top-K candidates"),
     "match": ("rerank", "match every query with its top-K candidates"),
     "score": ("rerank", "score matches and write the re-ranked top-k file"),
