@@ -43,6 +43,11 @@ def check_config(config: dict) -> dict:
                     f"global_methods.{name}.import names dataset {dataset!r}, which is not under datasets: "
                     f"{sorted(config['datasets'])}"
                 )
+    listed = (config.get("default_target") or {}).get("methods") or []
+    unknown = [m for m in listed if m not in config["global_methods"] and m not in config.get("rerank_methods", {})]
+    if unknown:
+        raise ConfigError(f"default_target.methods names {unknown}, which are neither global_methods "
+                          f"{sorted(config['global_methods'])} nor rerank_methods {sorted(config.get('rerank_methods', {}))}")
     for section, registry in (("local_features", LOCAL), ("matchers", MATCHERS), ("scorers", SCORERS)):
         for name, conf in config.get(section, {}).items():
             if section == "local_features":  # storage options of the feature store, not the model's

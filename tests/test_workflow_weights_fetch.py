@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import pandas as pd
+import pytest
 import yaml
 
 from pipeline.random_weights import write_random
@@ -47,6 +48,7 @@ def environment(tmp_path, mirror):
     return env
 
 
+@pytest.mark.slow  # the default target's fetch through a mirror runs in CI: tests/test_fresh_clone.py
 def test_a_method_fetches_its_weights_then_runs(tmp_path):
     superpoint = need_shared(WEIGHTS / "superpoint_v1_dequant_uint8.pth").read_bytes()  # the upstream layout
     write_random("superglue", tmp_path / "sg.pth", 0)
@@ -81,8 +83,25 @@ def test_no_server_fails_before_any_extraction_naming_the_urls(tmp_path):
     assert not list((tmp_path / "cache").glob("*.pth"))
 
 
-def test_default_target_leaves_out_methods_whose_weights_are_not_here(tmp_path):
+def test_default_target_stops_before_any_job_when_its_files_cannot_be_fetched(tmp_path):
     wd = project(tmp_path)
+    env = environment(tmp_path, "http://127.0.0.1:9")
+    code, out = run(wd, env)  # no default_target list: every method, so superglue's files too
+    assert code != 0
+    assert "2 file(s) needed are not here" in out, out
+    for file in ("superpoint_v1.pth", "superglue_outdoor.pth"):
+        assert f"http://127.0.0.1:9/release.example.org/magicleap/{file}: " in out
+        assert f"put it at {tmp_path / 'cache' / file}" in out
+    assert "still run: snakemake --cores 2 results/tiny/vlad_sift.csv" in out
+    assert not (wd / "work" / "tiny").exists()  # nothing ran
+
+
+def test_default_target_keeps_to_the_listed_methods(tmp_path):
+    wd = project(tmp_path)
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["default_target"] = {"methods": ["vlad_sift"]}
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
     code, out = run(wd, environment(tmp_path, "http://127.0.0.1:9"), "-n")
     assert code == 0, out
     assert "fetch_weights" not in job_counts(out) and "rerank_results" not in job_counts(out)
+    assert job_counts(out)["results"] == 1

@@ -5,6 +5,8 @@ import shlex
 import sys
 import time
 
+from snakemake.exceptions import WorkflowError
+
 sys.path.insert(0, workflow.basedir)  # the package, also when it is not pip-installed
 from pipeline.config import check_config
 from pipeline.global_store import num_shards
@@ -34,6 +36,8 @@ GPUS = config["gpus_per_job"]  # the `gpu` resource of the GPU-capable rules
 localrules:
     stamp,
     fetch_weights,
+    fetch_data,
+    published_stage1,
     check_weights,
     results,
     rerank_results,
@@ -142,17 +146,105 @@ def available(dataset, method):
     return bool(DATASETS[dataset].get("root"))
 
 
-def global_weights_here(method):
-    """Whether a global method's registered weights (checkpoint: auto) have a local copy."""
+def global_assets(method, dataset=None):
+    """The registered files a global method needs: its model's weights (checkpoint: auto), or the
+    data file it imports for ``dataset`` (an asset name under import:)."""
     from pipeline.assets import conf_assets
     from pipeline.weights import full_model_conf
 
-    return weights_here(conf_assets(GMETHODS[method].get("model", {}), fill=full_model_conf))
+    c = GMETHODS[method]
+    if "import" in c:
+        a = data_asset(c["import"].get(dataset)) if dataset else None
+        return [a] if a else []
+    return conf_assets(c.get("model", {}), fill=full_model_conf)
+
+
+def data_asset(value):
+    """The registered data file an import: value names, or None (a path)."""
+    from pipeline.assets import load_registry
+
+    a = load_registry().get(value) if isinstance(value, str) else None
+    return a if a is not None and a.kind == "data" else None
+
+
+DEFAULT = config["default_target"]
+
+
+def listed_default(method, on_random_weights):
+    """A method of the default target: named under default_target.methods, or (no list) any
+    method not run on random checkpoints."""
+    if DEFAULT["methods"] is not None:
+        return method in DEFAULT["methods"]
+    return not on_random_weights
+
+
+def in_default_global(dataset, method):
+    return available(dataset, method) and listed_default(method, bool(random_weights(GMETHODS[method].get("model", {}))))
 
 
 def all_results():
-    """Retrieval results of the default target (methods whose weights are here)."""
-    return [results_file(d, m) for d in DATASETS for m in GMETHODS if available(d, m) and global_weights_here(m)]
+    """Retrieval results of the default target."""
+    return [results_file(d, m) for d in DATASETS for m in GMETHODS if in_default_global(d, m)]
+
+
+def default_assets():
+    """Every registered file (weights, data) the default target's jobs need, in order."""
+    found = {}
+    for d in DATASETS:
+        for m in GMETHODS:
+            if in_default_global(d, m):
+                found.update((a.name, a) for a in global_assets(m, d))
+        for m in RERANK:
+            if in_default_target(d, m):
+                found.update((a.name, a) for a in method_assets(m) + global_assets(RERANK[m]["retrieval"], d))
+    return list(found.values())
+
+
+def needs_no_download(dataset, method):
+    """Whether a default results table needs no registered file at all."""
+    if method in GMETHODS:
+        return not global_assets(method, dataset)
+    return not method_assets(method) and not global_assets(RERANK[method]["retrieval"], dataset)
+
+
+def default_target():
+    """The default target's files. Every registered file they need must be here or downloadable;
+    otherwise the run stops before its first job with one message naming each missing file,
+    its URLs and where to put it by hand (and the targets that need no download)."""
+    from pipeline.assets import missing_message, unavailable
+
+    files = all_results() + [results_file(d, m) for d in DATASETS for m in RERANK if in_default_target(d, m)]
+    if DEFAULT["published"]:
+        files.append(published_stage1_file())
+    missing = unavailable(default_assets())
+    if missing:
+        free = [results_file(d, m) for d in DATASETS for m in [*GMETHODS, *RERANK]
+                if (in_default_global(d, m) if m in GMETHODS else in_default_target(d, m)) and needs_no_download(d, m)]
+        raise WorkflowError(missing_message(missing) + "\nThe default target needs them. Targets that need no download "
+                            + ("still run: snakemake --cores 2 " + " ".join(free) if free else "exist in this config: none"))
+    return files
+
+
+def published_stage1_inputs():
+    """Fetch records of the published stage-1 files that are here or downloadable now (the
+    others get a "not here" row in the table)."""
+    from pipeline.assets import availability
+    from pipeline.published import published_assets
+
+    assets = published_assets()
+    probed = availability(assets)
+    return [data_fetch_file(a.name) for a in assets if a.name not in probed or probed[a.name][0] is not None]
+
+
+def import_input(w):
+    value = GMETHODS[w.gmethod]["import"][w.dataset]
+    a = data_asset(value)
+    return data_fetch_file(a.name) if a else value
+
+
+def import_arg(w):
+    value = GMETHODS[w.gmethod]["import"][w.dataset]
+    return f"--asset {shlex.quote(value)}" if data_asset(value) else f"--src {shlex.quote(value)}"
 
 
 # ---------------------------------------------------------------- datasets (rules in datasets.smk)
@@ -236,19 +328,10 @@ def method_assets(method):
     return [a for conf in confs for a in conf_assets(conf, fill=full_model_conf)]
 
 
-def weights_here(assets_):
-    """Whether every one of these registered files has a verified local copy (nothing to fetch)."""
-    from pipeline.assets import locate
-
-    return all(locate(a, remember=False) is not None for a in assets_)
-
-
 def in_default_target(dataset, method):
-    """Re-ranking methods the default target builds: on a dataset with images, not on random
-    checkpoints, with their registered weights here (no download), on a default retrieval."""
-    c = RERANK[method]
-    return (rerank_available(dataset, method) and not method_random_weights(method)
-            and weights_here(method_assets(method)) and global_weights_here(c["retrieval"]))
+    """Re-ranking methods the default target builds: on a dataset with images, listed (or, with
+    no list, not on random checkpoints)."""
+    return rerank_available(dataset, method) and listed_default(method, bool(method_random_weights(method)))
 
 
 def random_weights(conf):
@@ -354,7 +437,7 @@ def report_methods(dataset):
 def report_spec():
     datasets = {}
     for d in DATASETS:
-        results = [results_file(d, m) for m in GMETHODS if available(d, m) and global_weights_here(m)]
+        results = [results_file(d, m) for m in GMETHODS if in_default_global(d, m)]
         results += [results_file(d, m) for m in report_methods(d)]
         if not results:
             continue

@@ -25,3 +25,21 @@ rule results:
         "{params.py} results --topk {input.topk[0]:q} --out {output:q} --dataset {wildcards.dataset}"
         " --method {wildcards.gmethod} --conf {params.conf:q} --threshold {params.threshold}"
         " --ns {params.ns} {params.index} {params.summary} 2> {log:q}"
+
+
+rule published_stage1:
+    """The thesis's published stage-1 files (pipeline/assets.yaml, published:) that are here or
+    downloadable, evaluated beside their published Recall@N; a difference fails the job. Files
+    neither here nor downloadable get a row saying how to fetch them."""
+    input:
+        lambda w: published_stage1_inputs(),
+    output:
+        published_stage1_file(),
+    params:
+        py=PY,
+    log:
+        log_file("published_stage1"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.py} published-recalls --out {output:q} 2> {log:q}"

@@ -168,9 +168,10 @@ rule search:
 
 
 rule import_topk:
-    """An existing top-k file (the thesis's stage-1 HDF5), checked and stored as a method."""
+    """An existing top-k file (the thesis's stage-1 HDF5: a path, or a registered data file
+    fetched first), checked and stored as a method."""
     input:
-        lambda w: GMETHODS[w.gmethod]["import"][w.dataset],
+        import_input,
     output:
         topk_file("{dataset}", "{gmethod}"),
     wildcard_constraints:
@@ -178,9 +179,10 @@ rule import_topk:
     params:
         py=PY,
         k=config["retrieval"]["k"],
+        src=import_arg,
     log:
         log_file("import_{dataset}_{gmethod}"),
     conda:
         CONDA_ENV
     shell:
-        "{params.py} import-topk --src {input:q} --dst {output:q} --k {params.k} 2> {log:q}"
+        "{params.py} import-topk {params.src} --dst {output:q} --k {params.k} 2> {log:q}"

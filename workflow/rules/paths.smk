@@ -88,6 +88,16 @@ def weights_fetch_file(asset):
     return f"{WORK}/weights/{asset}.json"
 
 
+def data_fetch_file(asset):
+    """The record of fetch_data: a registered data file fetched and verified."""
+    return f"{WORK}/data/{asset}.json"
+
+
+def published_stage1_file():
+    """The thesis's published stage-1 files evaluated beside their published recalls."""
+    return f"{RESULTS}/thesis/stage1.csv"
+
+
 def weights_check_file(kind, name):
     return f"{WORK}/checks/weights/{kind}/{name}.json"
 

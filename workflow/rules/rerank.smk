@@ -2,24 +2,6 @@
 # retrieval + features + matcher) -> scores and re-ranked lists (per method) -> results.
 
 
-rule fetch_weights:
-    """A registered weights file (pipeline/assets.yaml) found locally or downloaded, verified by
-    checksum and by its model's loader; first of all jobs (priority), so a dead link or no
-    network fails the run before any extraction, naming every URL and the manual step."""
-    output:
-        weights_fetch_file("{asset}"),
-    params:
-        py=PY,
-        progress=lambda w: "" if sys.stderr.isatty() else "--no-progress",
-    priority: 100
-    log:
-        log_file("fetch_weights_{asset}"),
-    conda:
-        CONDA_ENV
-    shell:
-        "{params.py} weights fetch {wildcards.asset} --stamp {output:q} {params.progress} 2> {log:q}"
-
-
 rule check_weights:
     """Load a model's weights once (keys, shapes, pickle safety), first of all jobs
     (priority): a wrong or missing file fails the run in seconds, naming the entry and
