@@ -152,11 +152,27 @@ def results_row(topk: TopK, dataset: str, method: str, conf: dict, threshold: fl
     return row
 
 
+def top1_changes(retrieval: TopK, reranked: TopK, threshold: float = 25.0, positions=None) -> dict:
+    """Whether a re-ranking did harm, over the queries of the re-ranked list: ``broken@1``
+    (right at rank 1 before re-ranking, wrong after), ``fixed@1`` (wrong before, right after)
+    and ``R@1_change`` (points of R@1 against retrieval alone on the same queries)."""
+    before = candidate_distances(retrieval, positions)[:, 0] <= threshold
+    after = candidate_distances(reranked, positions)[:, 0] <= threshold
+    row_of = {q: i for i, q in enumerate(retrieval.query_names)}
+    missing = [q for q in reranked.query_names if q not in row_of]
+    if missing:
+        raise ValueError(f"re-ranked queries not in the retrieval list, e.g. {missing[:3]}")
+    before = before[[row_of[q] for q in reranked.query_names]]
+    n = max(len(after), 1)
+    return {"broken@1": int((before & ~after).sum()), "fixed@1": int((~before & after).sum()),
+            "R@1_change": 100.0 * (int(after.sum()) - int(before.sum())) / n}
+
+
 def rerank_rows(retrieval: TopK, reranked: TopK, dataset: str, method: str, conf: dict, threshold: float, ns,
                 index_summary: dict | None = None) -> list[dict]:
     """The results-CSV rows of a re-ranking method: its retrieval (``rerank_k`` 0), then the
-    method with its time per query (extraction + matching + scoring), weights label and the
-    size its model described the images at."""
+    method with its no-harm counts (:func:`top1_changes`), its time per query (extraction +
+    matching + scoring), weights label and the size its model described the images at."""
     from .random_weights import weights_label
     from .rerank import input_size
 
@@ -169,6 +185,7 @@ def rerank_rows(retrieval: TopK, reranked: TopK, dataset: str, method: str, conf
          **evaluate_topk(retrieval, threshold, ns, index_summary=index_summary),
          "rerank_k": 0, "rerank_s_per_query": 0.0},
         {"method": method, **common, **evaluate_topk(reranked, threshold, ns, index_summary=index_summary),
+         **top1_changes(retrieval, reranked, threshold),
          "rerank_k": meta["rerank_k"],
          "rerank_s_per_query": extract_s + match_s + score_s, "extract_s_per_query": extract_s,
          "match_s_per_query": match_s, "score_s_per_query": score_s,

@@ -134,3 +134,20 @@ def test_evaluate_command_reports_each_bad_file_and_evaluates_the_others(tmp_pat
     # a pipeline output gets the rebuild advice instead
     with pytest.raises(TopKFormatError, match="delete it and the workflow rebuilds it"):
         read_topk(garbage, made_here=True)
+
+
+def test_no_harm_counts_broken_and_fixed_queries():
+    from pipeline.evaluate import top1_changes
+
+    e, n = 550000.0, 4180000.0
+    near, far = (e + 5, n), (e + 500, n)
+    # q0 right before and after; q1 right before, wrong after (broken); q2 and q3 wrong before, right after (fixed)
+    before = topk_from_positions([(e, n)] * 4, [[near, far], [near, far], [far, near], [far, near]])
+    after = TopK(before.query_names, before.candidate_names[:, ::-1].copy(), before.candidate_index, before.distances)
+    after.candidate_names[0] = before.candidate_names[0]
+    changes = top1_changes(before, after)
+    assert changes == {"broken@1": 1, "fixed@1": 2, "R@1_change": pytest.approx(25.0)}
+    assert changes["R@1_change"] == evaluate_topk(after, ns=(1,))["R@1"] - evaluate_topk(before, ns=(1,))["R@1"]
+    # a re-ranked list over some of the queries is compared on those queries only
+    part = TopK(after.query_names[2:], after.candidate_names[2:], after.candidate_index[2:], after.distances[2:])
+    assert top1_changes(before, part) == {"broken@1": 0, "fixed@1": 2, "R@1_change": pytest.approx(100.0)}

@@ -23,7 +23,7 @@ def _results(tmp_path):
             "rerank_k": 0, "rerank_s_per_query": 0.0}
     write_results(d / "sift_ransac.csv", [base, {
         "method": "sift_ransac", "dataset": "demo", "R@1": 55.0, "R@5": 66.0, "R@10": 70.0, "R@100": 95.0,
-        "rerank_k": 20, "rerank_s_per_query": 1.5, "extract_s_per_query": 1.0, "match_s_per_query": 0.4,
+        "broken@1": 1, "fixed@1": 16, "R@1_change": 15.0, "rerank_k": 20, "rerank_s_per_query": 1.5, "extract_s_per_query": 1.0, "match_s_per_query": 0.4,
         "score_s_per_query": 0.1, "weights": "none", "conf": conf}])
     write_results(d / "loftr.csv", [base, {
         "method": "loftr", "dataset": "demo", "R@1": 45.0, "R@5": 62.0, "R@10": 70.0, "R@100": 95.0,
@@ -44,6 +44,10 @@ def test_summary_table_has_the_thesis_shape(tmp_path):
     md = open(files["markdown"]).read()
     assert "demo: retrieval R@100 = 95.0" in md and "RANDOM untrained weights" in md and "loftr" in md
     assert '<tr class="random"><td>loftr' in open(files["html"]).read()
+    # no harm: the R@1 change with the queries broken and fixed, beside the recalls
+    assert (row["demo R@1 change"], row["demo broken@1"], row["demo fixed@1"]) == (15.0, 1, 16)
+    assert "| sift_ransac | sift | mnn + ransac | 55.0 | 66.0 | 70.0 | +15.0 (1/16) |" in md
+    assert "<td>+15.0 (1/16)</td>" in open(files["html"]).read()
 
 
 def test_recall_vs_time_data(tmp_path):

@@ -50,6 +50,9 @@ def test_rerank_raises_recall_at_1(project):
     assert (base.method, rr.method) == ("vlad_sift", "sift_ransac")
     assert rr["R@1"] > base["R@1"], df
     assert rr["R@20"] == base["R@20"]  # re-ranking the top 20 cannot change R@20
+    # no harm: queries fixed minus queries broken is the R@1 change
+    assert rr["R@1_change"] == pytest.approx(rr["R@1"] - base["R@1"], abs=0.01)
+    assert rr["fixed@1"] - rr["broken@1"] == round(rr["R@1_change"] * rr.n_queries / 100) and rr["fixed@1"] > 0
     assert rr.rerank_k == 20 and rr.rerank_s_per_query > 0
     # time per query = extraction of the query + its 20 candidates, matching, scoring
     assert rr.extract_s_per_query > 0 and rr.match_s_per_query > 0

@@ -25,6 +25,10 @@ from ..io import atomic_path
 TABLE_NS = (1, 5, 10)
 
 
+#: the no-harm columns of a re-ranking row (pipeline.evaluate.top1_changes)
+NO_HARM = ("broken@1", "fixed@1", "R@1_change")
+
+
 def _num(x) -> float:
     try:
         v = float(x)
@@ -64,7 +68,7 @@ def read_results(paths) -> pd.DataFrame:
             else:
                 out.update(retrieval=str(r["method"]), extractor="-", matcher="-", scorer="-", rerank_k=0)
             for key, value in r.items():
-                if key.startswith("R@") or key.endswith("_s_per_query"):
+                if key.startswith("R@") or key.endswith("_s_per_query") or key in NO_HARM:
                     out[key] = _num(value)
             out["weights"] = str(r.get("weights", "")) if not pd.isna(r.get("weights", "")) else ""
             rows.append(out)
@@ -87,7 +91,8 @@ def summary_table(df: pd.DataFrame, ns=TABLE_NS) -> pd.DataFrame:
     wide = None
     for dataset, g in df.groupby("dataset", sort=True):
         cols = {f"R@{n}": f"{dataset} R@{n}" for n in ns if f"R@{n}" in g}
-        cols["rerank_s_per_query"] = f"{dataset} s/query"
+        cols.update({"R@1_change": f"{dataset} R@1 change", "broken@1": f"{dataset} broken@1",
+                     "fixed@1": f"{dataset} fixed@1", "rerank_s_per_query": f"{dataset} s/query"})
         part = g[keys + [c for c in cols if c in g]].rename(columns=cols)
         wide = part if wide is None else wide.merge(part, on=keys, how="outer")
     weights = df.groupby("method")["weights"].first()
@@ -102,32 +107,51 @@ def _fmt(v) -> str:
 
 def to_markdown(table: pd.DataFrame, bounds: dict[str, float], ns=TABLE_NS) -> str:
     datasets = sorted({c.split(" R@")[0] for c in table.columns if " R@" in c})
-    head = ["method", "extractor", "matching"] + [f"{d} R@{n}" for d in datasets for n in ns if f"{d} R@{n}" in table]
+    recalls = [f"{d} R@{n}" for d in datasets for n in ns if f"{d} R@{n}" in table]
+    harm = [d for d in datasets if f"{d} broken@1" in table]
+    head = ["method", "extractor", "matching"] + recalls + [f"{d} R@1 change (broken/fixed)" for d in harm]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         matching = "-" if r["kind"] == "retrieval" else f"{r['matcher']} + {r['scorer']}"
-        cells = [str(r["method"]), str(r["extractor"]), matching] + [_fmt(r[c]) for c in head[3:]]
+        cells = [str(r["method"]), str(r["extractor"]), matching] + [_fmt(r[c]) for c in recalls]
+        cells += [_no_harm(r, d) for d in harm]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {d}: retrieval R@100 = {_fmt(bounds[d])} (upper bound of re-ranking the top 100)"
              for d in datasets if d in bounds]
+    if harm:
+        notes.append("- R@1 change: points against retrieval alone; broken: queries right at rank 1 before "
+                     "re-ranking and wrong after, fixed: the reverse")
     randoms = [str(r["method"]) for _, r in table.iterrows() if str(r.get("weights", "")).startswith("RANDOM")]
     if randoms:
         notes.append(f"- RANDOM untrained weights (recalls not meaningful): {', '.join(randoms)}")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
+def _no_harm(r, dataset) -> str:
+    """``+2.0 (1/3)``: the R@1 change and broken/fixed queries of a re-ranking row ("" for retrieval)."""
+    change, broken, fixed = (r.get(f"{dataset} {k}") for k in ("R@1 change", "broken@1", "fixed@1"))
+    if r["kind"] != "rerank" or change is None or pd.isna(change):
+        return ""
+    return f"{change:+.1f} ({int(broken)}/{int(fixed)})"
+
+
 def to_html(table: pd.DataFrame, bounds: dict[str, float], ns=TABLE_NS) -> str:
     datasets = sorted({c.split(" R@")[0] for c in table.columns if " R@" in c})
+    harm = {d for d in datasets if f"{d} broken@1" in table}
     e = html.escape
     top = "<tr><th rowspan=2>method</th><th rowspan=2>extractor</th><th rowspan=2>matching</th>" + "".join(
-        f"<th colspan={len(ns)}>{e(d)}<br><small>R@100 = {e(_fmt(bounds.get(d, math.nan)))}</small></th>"
+        f"<th colspan={len(ns) + (d in harm)}>{e(d)}<br><small>R@100 = {e(_fmt(bounds.get(d, math.nan)))}</small></th>"
         for d in datasets) + "</tr>"
-    sub = "<tr>" + "".join(f"<th>R@{n}</th>" for _ in datasets for n in ns) + "</tr>"
+    sub = "<tr>" + "".join("".join(f"<th>R@{n}</th>" for n in ns)
+                           + ('<th title="R@1 points against retrieval alone; queries broken (right at rank 1 before '
+                              're-ranking, wrong after) / fixed">R@1 change<br><small>broken/fixed</small></th>'
+                              if d in harm else "") for d in datasets) + "</tr>"
     body = []
     for _, r in table.iterrows():
         matching = "-" if r["kind"] == "retrieval" else f"{r['matcher']} + {r['scorer']}"
         cls = ' class="random"' if str(r.get("weights", "")).startswith("RANDOM") else ""
-        cells = "".join(f"<td>{e(_fmt(r.get(f'{d} R@{n}')))}</td>" for d in datasets for n in ns)
+        cells = "".join("".join(f"<td>{e(_fmt(r.get(f'{d} R@{n}')))}</td>" for n in ns)
+                        + (f"<td>{e(_no_harm(r, d))}</td>" if d in harm else "") for d in datasets)
         body.append(f"<tr{cls}><td>{e(str(r['method']))}</td><td>{e(str(r['extractor']))}</td>"
                     f"<td>{e(matching)}</td>{cells}</tr>")
     return f"<table>\n{top}\n{sub}\n" + "\n".join(body) + "\n</table>\n"
