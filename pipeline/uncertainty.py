@@ -1,0 +1,212 @@
+"""Per-query uncertainty of a retrieval: is its top-1 right? Signals and how well they tell.
+
+When to re-rank at all (the thesis authors' follow-up, "To Match or Not to Match", CVPRW 2025):
+a query whose top-1 is surely right gains nothing from re-ranking and may be broken by it. The
+signals here say, per query, how confident the retrieval is (higher = more confident):
+
+- ``l2``: minus the L2 distance of the query's descriptor to its top-1 (top-k files keep
+  squared L2 of unit vectors, ``2 - 2 cos``);
+- ``ratio``: minus the distance ratio d1/d2 of the top-1 and top-2 (the "PA score");
+- ``sue``: minus SUE (Zaffar et al., CVPR 2024): the spatial spread of the top-10 candidates'
+  positions, each weighted by ``exp(-slope * d_i)`` of its descriptor distance (slope 350, 10
+  neighbours, differences clipped at 500 m from above, as MubarizZaffar/SUE ``sue.py``);
+- ``inliers``: the re-ranking score (RANSAC inliers) of the query and its retrieval top-1,
+  from a re-ranking method's output, where one is given.
+
+:func:`auc_pr` is the area under the precision-recall curve of "the top-1 is right" against a
+signal, computed as scikit-learn's ``precision_recall_curve`` + ``auc`` (what SUE reports):
+SUE's paper ranks the signals 0.93-0.97 (inliers), 0.885 (SUE), 0.797 (L2), 0.774 (ratio).
+
+``python -m pipeline uncertainty --topk T [--reranked R ...] --out signals.csv --summary auc.csv``
+writes both tables and a precision-recall plot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import _positions, candidate_distances
+from .io import atomic_path
+from .topk import TopK, read_extra, read_topk
+
+logger = logging.getLogger(__name__)
+
+SUE_NEIGHBOURS, SUE_SLOPE, SUE_CLIP_M = 10, 350.0, 500.0
+
+
+def descriptor_distances(topk: TopK) -> np.ndarray:
+    """``[Q, k]`` L2 distances of the descriptors (top-k files store squared ones)."""
+    return np.sqrt(np.maximum(np.asarray(topk.distances, np.float64), 0.0))
+
+
+def local_offsets(topk: TopK, positions=None, k: int | None = None) -> np.ndarray:
+    """``[Q, k, 2]`` east/north metres of each query's first ``k`` candidates from its top-1:
+    UTM differences where they share a UTM zone (what SUE uses), else Earth-centred positions
+    projected on the tangent plane at the top-1 (right across zones and hemispheres)."""
+    k = topk.k if k is None else min(k, topk.k)
+    pos = _positions(topk.candidate_names[:, :k].ravel(), positions)
+    xyz = pos.xyz.reshape(len(topk), k, 3)
+    origin = xyz[:, :1]
+    lon = np.arctan2(origin[..., 1], origin[..., 0])
+    lat = np.arctan2(origin[..., 2], np.hypot(origin[..., 0], origin[..., 1]))
+    east = np.stack([-np.sin(lon), np.cos(lon), np.zeros_like(lon)], -1)
+    north = np.stack([-np.sin(lat) * np.cos(lon), -np.sin(lat) * np.sin(lon), np.cos(lat)], -1)
+    rel = xyz - origin
+    tangent = np.stack([(rel * east).sum(-1), (rel * north).sum(-1)], -1)
+    xy = pos.xy.reshape(len(topk), k, 2)
+    frame = pos.frame.reshape(len(topk), k)
+    one_zone = ((frame == frame[:, :1]) & (frame != 0)).all(1)
+    return np.where(one_zone[:, None, None], xy - xy[:, :1], tangent)
+
+
+def sue(topk: TopK, positions=None, neighbours: int = SUE_NEIGHBOURS, slope: float = SUE_SLOPE,
+        clip_m: float = SUE_CLIP_M) -> np.ndarray:
+    """SUE's uncertainty per query: the weighted variance (m^2, mean of east and north) of the
+    top-``neighbours`` candidates' positions, weights ``exp(-slope * d)`` of their descriptor
+    L2 distances (normalised; computed relative to the smallest, which leaves them unchanged
+    and never underflows). Differences are clipped at ``clip_m`` from above, as upstream."""
+    xy = local_offsets(topk, positions, neighbours)
+    d = descriptor_distances(topk)[:, : xy.shape[1]]
+    w = np.exp(-slope * (d - d.min(1, keepdims=True)))
+    w /= w.sum(1, keepdims=True)
+    mean = (w[..., None] * xy).sum(1, keepdims=True)
+    diff = np.minimum(clip_m, xy - mean)
+    var = (w[..., None] * diff ** 2).sum(1)  # [Q, 2]
+    return var.mean(1)
+
+
+def top1_scores(retrieval: TopK, reranked_path) -> np.ndarray:
+    """Per retrieval query, the re-ranking score of its retrieval top-1 (NaN where the
+    re-ranked list has not that query or that candidate)."""
+    reranked = read_topk(reranked_path, made_here=True)
+    scores = read_extra(reranked_path, "rerank_scores")
+    out = np.full(len(retrieval), np.nan)
+    row_of = {q: i for i, q in enumerate(reranked.query_names)}
+    for i, (q, top1) in enumerate(zip(retrieval.query_names, retrieval.candidate_names[:, 0])):
+        j = row_of.get(q)
+        if j is None:
+            continue
+        hit = np.flatnonzero(reranked.candidate_names[j, : scores.shape[1]] == top1)
+        if hit.size:
+            out[i] = scores[j, hit[0]]
+    return out
+
+
+def signals(topk: TopK, threshold: float = 25.0, positions=None, reranked: dict | None = None) -> dict:
+    """Per query: ``query``, ``top1_right`` and a confidence per signal (higher = surer).
+    ``reranked``: signal name -> re-ranked top-k file, whose scores of the top-1 become a signal."""
+    if topk.k < 2:
+        raise ValueError("uncertainty signals need at least 2 candidates per query")
+    d = descriptor_distances(topk)
+    out = {
+        "query": np.asarray(topk.query_names),
+        "top1_right": candidate_distances(topk, positions)[:, 0] <= threshold,
+        "l2": -d[:, 0],
+        "ratio": -d[:, 0] / np.maximum(d[:, 1], 1e-12),
+        "sue": -sue(topk, positions),
+    }
+    for name, path in (reranked or {}).items():
+        out[name] = top1_scores(topk, path)
+    return out
+
+
+def precision_recall_curve(right: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ``precision_recall_curve`` (since 1.1: every distinct confidence, also past
+    full recall): precision and recall from the lowest threshold up, then the (1, 0) end point."""
+    right = np.asarray(right, bool)
+    confidence = np.asarray(confidence, np.float64)
+    order = np.argsort(-confidence, kind="mergesort")
+    conf, hits = confidence[order], right[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(conf)), len(conf) - 1]  # the last index of each distinct value
+    tps = np.cumsum(hits)[last]
+    fps = (last + 1) - tps
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1] if tps[-1] > 0 else np.ones_like(tps)
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0]
+
+
+def auc_pr(right, confidence) -> float:
+    """Area under the precision-recall curve (trapezoids over recall, as ``sklearn.metrics.auc``).
+    Queries whose signal is NaN are left out; NaN when no query is right or none is left."""
+    right, confidence = np.asarray(right, bool), np.asarray(confidence, np.float64)
+    keep = ~np.isnan(confidence)
+    if not keep.any() or not right[keep].any():
+        return math.nan
+    precision, recall = precision_recall_curve(right[keep], confidence[keep])
+    return float(abs(np.trapezoid(precision, recall)))
+
+
+def summary_rows(sig: dict) -> list[dict]:
+    names = [k for k in sig if k not in ("query", "top1_right")]
+    right = sig["top1_right"]
+    return [{"signal": n, "auc_pr": auc_pr(right, sig[n]), "n_queries": int((~np.isnan(sig[n])).sum()),
+             "top1_right_pct": 100.0 * float(right.mean())} for n in names]
+
+
+def write_tables(sig: dict, out, summary_out, plot_out=None, title: str = "") -> list[dict]:
+    import pandas as pd
+
+    with atomic_path(out) as tmp:
+        pd.DataFrame(sig).to_csv(tmp, index=False, float_format="%.6g")
+    rows = summary_rows(sig)
+    with atomic_path(summary_out) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.4f")
+    if plot_out is not None:
+        plot_pr(sig, plot_out, title)
+    return rows
+
+
+def plot_pr(sig: dict, out, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    right = sig["top1_right"]
+    for row in summary_rows(sig):
+        conf = sig[row["signal"]]
+        keep = ~np.isnan(conf)
+        if math.isnan(row["auc_pr"]):
+            continue
+        p, r = precision_recall_curve(right[keep], conf[keep])
+        ax.plot(r, p, label=f"{row['signal']} (AUC-PR {row['auc_pr']:.3f})")
+    ax.axhline(float(right.mean()), color="grey", lw=0.8, ls=":", label="chance")
+    ax.set(xlabel="recall (queries whose top-1 is right)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=title or "Is the top-1 right?")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=Path(out).suffix.lstrip(".") or "png", dpi=120)
+    plt.close(fig)
+
+
+def _arguments(p):
+    p.add_argument("--topk", required=True, help="a retrieval top-k file")
+    p.add_argument("--reranked", nargs="*", default=[], metavar="NAME=FILE",
+                   help="re-ranked top-k files whose score of the retrieval top-1 is a signal (e.g. inliers)")
+    p.add_argument("--threshold", type=float, default=25.0)
+    p.add_argument("--out", required=True, help="per-query signals (CSV)")
+    p.add_argument("--summary", required=True, help="AUC-PR per signal (CSV)")
+    p.add_argument("--plot", default=None, help="precision-recall curves (PNG/PDF)")
+    p.add_argument("--title", default="")
+
+
+def _run(a):
+    reranked = {}
+    for item in a.reranked:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--reranked {item!r}: expected NAME=FILE")
+        reranked[name] = path
+    sig = signals(read_topk(a.topk), a.threshold, reranked=reranked)
+    for row in write_tables(sig, a.out, a.summary, a.plot, a.title):
+        print(f"{row['signal']:<16} AUC-PR {row['auc_pr']:.3f}  ({row['n_queries']} queries)")
+
+
+#: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
+COMMANDS = {"uncertainty": (_arguments, _run)}

@@ -1,0 +1,91 @@
+"""Uncertainty signals of a retrieval (is the top-1 right?): SUE and AUC-PR as the SUE authors
+compute them (upstream's code on seeded inputs: tests/reference/make_uncertainty_reference.py),
+and the signals on the thesis's real stage-1 output."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.topk import TopK, read_topk
+from pipeline.uncertainty import auc_pr, local_offsets, signals, sue
+
+from .conftest import FIXTURE_TOPK, need_shared, vg_name
+
+
+
+@pytest.fixture(scope="module")
+def ref():
+    from pathlib import Path
+
+    return np.load(Path(__file__).parent / "fixtures" / "uncertainty_reference.npz")
+
+
+def topk_of(ref) -> TopK:
+    poses, preds = ref["ref_poses"], ref["preds"]
+    names = np.array([[vg_name(*poses[j], pano_id=f"r{j}") for j in row] for row in preds])
+    queries = [vg_name(*poses[row[0]], pano_id=f"q{i}") for i, row in enumerate(preds)]
+    return TopK(queries, names, preds, ref["dists"] ** 2)  # top-k files keep squared L2
+
+
+def test_sue_matches_the_authors_code(ref):
+    got = sue(topk_of(ref))
+    # names keep positions to the centimetre: the variance agrees to 1e-4 (spreads of kilometres)
+    np.testing.assert_allclose(got, ref["sue"], rtol=1e-4)
+    assert (ref["sue"] > 0).all() and np.ptp(ref["sue"]) > 1e4  # the inputs exercise the weights and the clip
+
+
+def test_auc_pr_matches_scikit_learn(ref):
+    for conf, want in zip(ref["confidences"], ref["auc_pr"]):
+        assert auc_pr(ref["right"], conf) == pytest.approx(float(want), abs=1e-12)
+
+
+def test_auc_pr_limits():
+    right = np.array([True, True, False, False])
+    assert auc_pr(right, np.array([0.9, 0.8, 0.2, 0.1])) == pytest.approx(1.0)  # a perfect signal
+    assert np.isnan(auc_pr(np.zeros(4, bool), np.arange(4.0)))  # no top-1 right: undefined
+    assert auc_pr(right, np.array([0.9, np.nan, 0.2, 0.1])) == pytest.approx(1.0)  # NaN signals left out
+
+
+def test_offsets_across_utm_zones_are_metres_on_the_ground():
+    # the top-1 just west of the zone 10/11 boundary (120 W), a candidate 100 m east of it in zone 11
+    import utm
+
+    lat, lon = 37.0, -120.0005
+    e0, n0, z0, l0 = utm.from_latlon(lat, lon)
+    e1, n1, z1, l1 = utm.from_latlon(lat, lon + 100 / (111320 * np.cos(np.radians(lat))))
+    assert (z0, z1) == (10, 11)
+    names = np.array([[vg_name(e0, n0, z0, l0, pano_id="a"), vg_name(e1, n1, z1, l1, pano_id="b")]])
+    off = local_offsets(TopK([names[0, 0]], names, np.zeros((1, 2)), np.zeros((1, 2))))
+    np.testing.assert_allclose(off[0, 1], [100.0, 0.0], atol=0.5)
+
+
+def test_signals_on_the_thesis_stage1_output(tmp_path):
+    topk = read_topk(need_shared(FIXTURE_TOPK))
+    sig = signals(topk)
+    assert len(sig["query"]) == 76 and sig["top1_right"].mean() == pytest.approx(0.2631578947)  # R@1 26.3
+    for name in ("l2", "ratio", "sue"):
+        assert np.isfinite(sig[name]).all()
+        # every signal beats chance (the share of right top-1s) on this set
+        assert auc_pr(sig["top1_right"], sig[name]) > sig["top1_right"].mean()
+    from pipeline.uncertainty import write_tables
+
+    rows = write_tables(sig, tmp_path / "s.csv", tmp_path / "auc.csv", tmp_path / "pr.png")
+    assert [r["signal"] for r in rows] == ["l2", "ratio", "sue"]
+    assert pd.read_csv(tmp_path / "auc.csv").auc_pr.between(0, 1).all() and (tmp_path / "pr.png").stat().st_size > 1000
+
+
+def test_inliers_of_the_retrieval_top1_come_from_the_reranked_file(tmp_path):
+    from pipeline.topk import write_topk
+    from pipeline.uncertainty import top1_scores
+
+    e, n = 550000.0, 4180000.0
+    cands = np.array([[vg_name(e + 10 * j, n + i, pano_id=f"c{i}{j}") for j in range(3)] for i in range(3)])
+    retrieval = TopK([vg_name(e, n + i, pano_id=f"q{i}") for i in range(3)], cands, np.zeros((3, 3)), np.ones((3, 3)))
+    order = np.array([[2, 0, 1], [0, 1, 2]])  # q0 and q1 re-ranked; q2 not in the re-ranked list
+    scores = np.array([[50.0, 7.0, 3.0], [12.0, 9.0, 1.0]])
+    reranked = TopK(retrieval.query_names[:2], np.take_along_axis(cands[:2], order, 1), np.zeros((2, 3)),
+                    np.ones((2, 3)), {"rerank_k": 3})
+    write_topk(tmp_path / "rr.h5", reranked, extra={"rerank_scores": scores})
+    got = top1_scores(retrieval, tmp_path / "rr.h5")
+    np.testing.assert_array_equal(got[:2], [7.0, 12.0])  # the score of each query's retrieval top-1
+    assert np.isnan(got[2])
