@@ -7,7 +7,8 @@ feature stores, matches and scorer confs per re-ranking method) and writes under
 - ``index.html``: the thesis's Table 4.1 over every dataset and method, links to the pages;
 - ``summary.{csv,md,html}``, ``summary_table.csv`` (:mod:`pipeline.reports.summary`);
 - ``{dataset}/index.html`` with the recall-vs-time and recall-vs-K plots (PNG, SVG and the
-  CSV of their numbers) and per re-ranking method the qualitative figures
+  CSV of their numbers), per retrieval the AUC-PR of its uncertainty signals with their
+  precision-recall plot (:mod:`pipeline.uncertainty`), and per re-ranking method the qualitative figures
   (:mod:`pipeline.reports.qualitative`: keypoints, matches before / after RANSAC,
   prediction strips).
 
@@ -101,6 +102,15 @@ def dataset_page(name: str, ds: dict, out_dir: Path, threshold_m: float, n_queri
         blocks += ["<h2>Recall vs number of re-ranked candidates</h2>", _figure(
             page_dir, k["figures"][0], "R@1 when re-ranking the first K candidates; dashed: retrieval R@K "
             "(upper bound)", {"SVG": k["figures"][1], "data (CSV)": k["csv"]})]
+    by_retrieval: dict[str, dict[str, str]] = {}
+    for m, c in sorted(methods.items()):
+        by_retrieval.setdefault(c["retrieval_topk"], {})[m] = c["reranked_topk"]
+    if by_retrieval:
+        blocks.append("<h2>Is the top-1 right? Uncertainty signals</h2>")
+    for topk_path, reranked in sorted(by_retrieval.items()):
+        u = uncertainty_block(topk_path, reranked, page_dir / "uncertainty", threshold_m, _positions(ds))
+        written[f"uncertainty/{Path(topk_path).stem}"] = u["files"]
+        blocks.append(u["html"])
     if methods and ds.get("root"):
         from ..rerank import NameResolver
         from .qualitative import qualitative_report
@@ -120,6 +130,34 @@ def dataset_page(name: str, ds: dict, out_dir: Path, threshold_m: float, n_queri
                 blocks.append(_figure(page_dir, str(png), item.get("caption", ""), links))
     _write(page_dir / "index.html", _page(f"{name}: re-ranking report", "\n".join(blocks)))
     return written
+
+
+def uncertainty_block(topk_path: str, reranked: dict[str, str], out_dir: Path, threshold_m: float,
+                      positions=None) -> dict:
+    """AUC-PR of each confidence signal of one retrieval (:mod:`pipeline.uncertainty`; the
+    re-ranking methods on it give their score of the top-1 as a signal), as a table and a
+    precision-recall plot."""
+    from ..topk import read_topk
+    from ..uncertainty import signals, write_tables
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(topk_path).stem
+    sig = signals(read_topk(topk_path, made_here=True), threshold_m, positions, reranked)
+    files = {"signals": str(out_dir / f"{stem}_signals.csv"), "auc_pr": str(out_dir / f"{stem}_auc_pr.csv"),
+             "plot": str(out_dir / f"{stem}_pr.png")}
+    rows = write_tables(sig, files["signals"], files["auc_pr"], files["plot"], f"{stem}: is the top-1 right?")
+    e = html.escape
+    table = ("<table><tr><th>signal</th><th>AUC-PR</th><th>queries</th></tr>" + "".join(
+        f"<tr><td>{e(r['signal'])}</td><td>{r['auc_pr']:.3f}</td><td>{r['n_queries']}</td></tr>" for r in rows)
+        + "</table>")
+    page_dir = out_dir.parent
+    caption = (f"{stem}: precision-recall of 'the top-1 is right' ({100 * float(sig['top1_right'].mean()):.1f}% of "
+               "queries) against each signal: top-1 L2 distance, d1/d2 ratio, SUE (spatial spread of the top-10), "
+               "and each re-ranking method's score of the retrieval top-1")
+    block = (f"<h3>{e(stem)}</h3>{table}"
+             + _figure(page_dir, files["plot"], caption, {"signals (CSV)": files["signals"],
+                                                          "AUC-PR (CSV)": files["auc_pr"]}))
+    return {"files": files, "html": block}
 
 
 def _positions(ds: dict):
