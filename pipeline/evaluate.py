@@ -168,6 +168,15 @@ def top1_changes(retrieval: TopK, reranked: TopK, threshold: float = 25.0, posit
             "R@1_change": 100.0 * (int(after.sum()) - int(before.sum())) / n}
 
 
+def _storage(bytes_per_image) -> dict:
+    """The cached local features' disk size per image, and extrapolated to a million-image
+    database (empty for image-input matchers, which keep no features)."""
+    if bytes_per_image is None:
+        return {"features_bytes_per_image": "", "features_GB_per_1M_images": ""}
+    return {"features_bytes_per_image": round(float(bytes_per_image)),
+            "features_GB_per_1M_images": float(bytes_per_image) * 1e6 / 1e9}
+
+
 def rerank_rows(retrieval: TopK, reranked: TopK, dataset: str, method: str, conf: dict, threshold: float, ns,
                 index_summary: dict | None = None) -> list[dict]:
     """The results-CSV rows of a re-ranking method: its retrieval (``rerank_k`` 0), then the
@@ -189,6 +198,7 @@ def rerank_rows(retrieval: TopK, reranked: TopK, dataset: str, method: str, conf
          "rerank_k": meta["rerank_k"],
          "rerank_s_per_query": extract_s + match_s + score_s, "extract_s_per_query": extract_s,
          "match_s_per_query": match_s, "score_s_per_query": score_s,
+         **_storage(meta.get("feature_bytes_per_image")),
          "weights": weights_label(conf),
          "input_size": input_size(conf.get("features"), conf["matcher"]) if "matcher" in conf else "",
          "conf": conf},

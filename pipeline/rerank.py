@@ -394,6 +394,14 @@ def extraction_seconds(features, topk: TopK, k: int, resolve=lambda n: n) -> flo
     return None if np.isnan(value) else value
 
 
+def feature_bytes_per_image(features) -> float | None:
+    """Disk bytes of a feature store per image it holds (what caching local features for a
+    database costs: times 1e6 for a million images). None for a store without the record."""
+    info = json.loads(Path(features).read_text())
+    n = len(info.get("images") or {})
+    return float(info["store_bytes"]) / n if n and info.get("store_bytes") is not None else None
+
+
 #: images whose keypoints a scoring process keeps in memory
 SCORE_CACHE = 4096
 
@@ -629,6 +637,7 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
         "seconds_per_query_matching": matches.seconds_per_query(k),
         # local features of the query and its K candidates (image-input matchers: inside matching)
         "seconds_per_query_extraction": extraction,
+        "feature_bytes_per_image": feature_bytes_per_image(features) if features is not None else None,
         "skipped_queries": topk.meta.get("skipped_queries", []),
     }
     out_topk = TopK(topk.query_names, new_names, new_index, new_dist, info)

@@ -185,6 +185,73 @@ def plot_pr(sig: dict, out, title: str = "") -> None:
     plt.close(fig)
 
 
+def risk_coverage(right_before, right_after, confidence) -> tuple[np.ndarray, np.ndarray]:
+    """R@1 (%) when only the least confident queries are re-ranked: ``(fraction, r_at_1)`` for
+    0, 1, ..., Q queries re-ranked, least confident first (NaN signals count as least
+    confident; ties in the order of the queries). Fraction 0 is retrieval alone, 1 the full
+    re-ranking."""
+    before, after = np.asarray(right_before, bool), np.asarray(right_after, bool)
+    conf = np.nan_to_num(np.asarray(confidence, np.float64), nan=-np.inf)
+    order = np.argsort(conf, kind="mergesort")
+    gain = np.r_[0, np.cumsum(after[order].astype(int) - before[order].astype(int))]
+    n = len(before)
+    return np.arange(n + 1) / max(n, 1), 100.0 * (before.sum() + gain) / max(n, 1)
+
+
+def right_after(retrieval: TopK, reranked: TopK, threshold: float = 25.0, positions=None) -> np.ndarray:
+    """Per retrieval query, whether the re-ranked top-1 is right (the retrieval's own top-1
+    for a query the re-ranked list has not)."""
+    out = candidate_distances(retrieval, positions)[:, 0] <= threshold
+    row_of = {q: i for i, q in enumerate(retrieval.query_names)}
+    rr = candidate_distances(reranked, positions)[:, 0] <= threshold
+    for j, q in enumerate(reranked.query_names):
+        if q in row_of:
+            out[row_of[q]] = rr[j]
+    return out
+
+
+def rerank_seconds_per_query(reranked: TopK) -> float | None:
+    """A re-ranked file's measured time per query (extraction + matching + scoring)."""
+    meta = reranked.meta
+    if "seconds_per_query_matching" not in meta:
+        return None
+    return sum(float(meta.get(k) or 0.0) for k in ("seconds_per_query_extraction", "seconds_per_query_matching",
+                                                    "seconds_per_query_scoring"))
+
+
+def risk_coverage_table(sig: dict, right_after: np.ndarray, seconds_per_query: float | None = None):
+    """Long table (signal, fraction re-ranked, R@1, estimated seconds per query: the fraction
+    times the full re-ranking's measured time per query) for every signal of ``sig``."""
+    import pandas as pd
+
+    rows = []
+    for name in (k for k in sig if k not in ("query", "top1_right")):
+        frac, r1 = risk_coverage(sig["top1_right"], right_after, sig[name])
+        rows.append(pd.DataFrame({"signal": name, "fraction_reranked": frac, "R@1": r1,
+                                  "est_seconds_per_query": frac * seconds_per_query if seconds_per_query else np.nan}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def plot_risk_coverage(table, out, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, g in table.groupby("signal", sort=False):
+        ax.plot(100 * g.fraction_reranked, g["R@1"], label=name)
+    first = table[table.signal == table.signal.iloc[0]]
+    ax.axhline(first["R@1"].iloc[0], color="grey", lw=0.8, ls=":", label="retrieval alone")
+    ax.axhline(first["R@1"].iloc[-1], color="black", lw=0.8, ls="--", label="every query re-ranked")
+    ax.set(xlabel="queries re-ranked (%), least confident first", ylabel="R@1 (%)", title=title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=Path(out).suffix.lstrip(".") or "png", dpi=120)
+    plt.close(fig)
+
+
 def _arguments(p):
     p.add_argument("--topk", required=True, help="a retrieval top-k file")
     p.add_argument("--reranked", nargs="*", default=[], metavar="NAME=FILE",

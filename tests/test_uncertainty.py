@@ -89,3 +89,17 @@ def test_inliers_of_the_retrieval_top1_come_from_the_reranked_file(tmp_path):
     got = top1_scores(retrieval, tmp_path / "rr.h5")
     np.testing.assert_array_equal(got[:2], [7.0, 12.0])  # the score of each query's retrieval top-1
     assert np.isnan(got[2])
+
+
+def test_risk_coverage_reranks_the_least_confident_first():
+    from pipeline.uncertainty import risk_coverage
+
+    before = np.array([True, False, False, True])
+    after = np.array([True, True, False, False])  # q1 fixed, q3 broken
+    conf = np.array([0.9, 0.1, 0.5, 0.8])  # least confident first: q1, q2, q3, q0
+    frac, r1 = risk_coverage(before, after, conf)
+    np.testing.assert_allclose(frac, [0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(r1, [50, 75, 75, 50, 50])  # retrieval alone ... every query re-ranked
+    # a NaN signal counts as least confident
+    _, r1 = risk_coverage(before, after, np.array([0.9, 0.1, 0.5, np.nan]))
+    np.testing.assert_allclose(r1, [50, 25, 50, 50, 50])

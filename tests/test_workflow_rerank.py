@@ -59,6 +59,10 @@ def test_rerank_raises_recall_at_1(project):
     assert rr.rerank_s_per_query == pytest.approx(
         rr.extract_s_per_query + rr.match_s_per_query + rr.score_s_per_query, abs=0.02)
     assert rr.weights == "none"  # SIFT + RANSAC: no weight files
+    # what caching the features costs: the store's bytes per image, and for a million images
+    store = json.loads((wd / "work" / "syn" / "local" / "sift.json").read_text())
+    assert rr.features_bytes_per_image == pytest.approx(store["store_bytes"] / len(store["images"]), abs=1)
+    assert rr.features_GB_per_1M_images == pytest.approx(rr.features_bytes_per_image / 1e3, rel=0.01)
     # the size SIFT described the images at: its default cap (the 160 px images are not enlarged)
     assert json.loads(rr.input_size) == {"resize": None, "resize_max": 1600}
 
@@ -139,6 +143,14 @@ def test_reports_target_builds_the_html_report(project):
     auc = pd.read_csv(report / "syn" / "uncertainty" / "vlad_sift_auc_pr.csv").set_index("signal")
     assert set(auc.index) == {"l2", "ratio", "sue", "sift_ransac", "sift_count"} and auc.auc_pr.between(0, 1).all()
     assert "Is the top-1 right?" in (report / "syn" / "index.html").read_text()
+    # risk-coverage: re-ranking none is retrieval alone, re-ranking all is the method's R@1
+    rc = pd.read_csv(report / "syn" / "uncertainty" / "vlad_sift_sift_ransac_risk_coverage.csv")
+    base_r1 = pd.read_csv(wd / "results" / "syn" / "sift_ransac.csv").iloc[0]["R@1"]
+    assert set(rc.signal) == {"l2", "ratio", "sue", "sift_ransac", "sift_count"}
+    for _, g in rc.groupby("signal"):
+        assert g["R@1"].iloc[0] == pytest.approx(base_r1, abs=0.01)
+        assert g["R@1"].iloc[-1] == pytest.approx(res["sift_ransac"]["R@1"], abs=0.01)
+        assert g.est_seconds_per_query.iloc[-1] == pytest.approx(res["sift_ransac"].rerank_s_per_query, abs=0.01)
     assert "R@1 change" in (report / "syn" / "index.html").read_text()  # the no-harm columns
     per_dataset = pd.read_csv(wd / "results" / "syn" / "summary_table.csv").set_index("method")
     assert set(per_dataset.index) == {"vlad_sift", "sift_ransac", "sift_count"}

@@ -138,7 +138,8 @@ def uncertainty_block(topk_path: str, reranked: dict[str, str], out_dir: Path, t
     re-ranking methods on it give their score of the top-1 as a signal), as a table and a
     precision-recall plot."""
     from ..topk import read_topk
-    from ..uncertainty import signals, write_tables
+    from ..uncertainty import (plot_risk_coverage, rerank_seconds_per_query, right_after, risk_coverage_table,
+                               signals, write_tables)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(topk_path).stem
@@ -157,6 +158,19 @@ def uncertainty_block(topk_path: str, reranked: dict[str, str], out_dir: Path, t
     block = (f"<h3>{e(stem)}</h3>{table}"
              + _figure(page_dir, files["plot"], caption, {"signals (CSV)": files["signals"],
                                                           "AUC-PR (CSV)": files["auc_pr"]}))
+    retrieval = read_topk(topk_path, made_here=True)
+    for method, path in sorted(reranked.items()):  # risk-coverage: re-rank only the least confident queries
+        rr = read_topk(path, made_here=True)
+        curves = risk_coverage_table(sig, right_after(retrieval, rr, threshold_m, positions),
+                                     rerank_seconds_per_query(rr))
+        csv_path, png = out_dir / f"{stem}_{method}_risk_coverage.csv", out_dir / f"{stem}_{method}_risk_coverage.png"
+        with atomic_path(csv_path) as tmp:
+            curves.to_csv(tmp, index=False, float_format="%.6g")
+        plot_risk_coverage(curves, png, f"{method} on {stem}")
+        files[f"risk_coverage/{method}"] = {"csv": str(csv_path), "plot": str(png)}
+        block += _figure(page_dir, str(png), f"{method}: R@1 when only the least confident queries (by each signal) "
+                         "are re-ranked; the CSV adds the time per query this would take (the fraction times the "
+                         "measured full re-ranking time)", {"data (CSV)": str(csv_path)})
     return {"files": files, "html": block}
 
 
