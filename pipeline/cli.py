@@ -37,6 +37,7 @@ COMMANDS = {
     "score": ("rerank", "score matches and write the re-ranked top-k file"),
     "rerank-results": ("evaluate", "results CSV of a re-ranking method beside its retrieval"),
     "uncertainty": ("uncertainty", "per-query confidence signals of a retrieval and their AUC-PR (is the top-1 right?)"),
+    "gate": ("uncertainty", "the queries a confidence gate sends to re-ranking, as a top-k file"),
     "random-weights": ("random_weights", "a seeded random checkpoint in a model's official format (labelled)"),
     "summary": ("reports.summary", "the thesis's table over results CSVs (summary.csv/.md/.html)"),
     "report": ("reports.html", "HTML report: tables, recall vs time / K, qualitative figures"),

@@ -177,6 +177,16 @@ def _storage(bytes_per_image) -> dict:
             "features_GB_per_1M_images": float(bytes_per_image) * 1e6 / 1e9}
 
 
+def _gate_columns(meta: dict) -> dict:
+    """A gated method: the share of queries it re-ranked and the gate's time per query."""
+    gate = meta.get("gate")
+    if not gate:
+        return {"fraction_reranked": 1.0, "gate": ""}
+    return {"fraction_reranked": meta.get("fraction_reranked", gate.get("fraction_reranked")),
+            "gate_s_per_query": meta.get("seconds_per_query_gate", 0.0),
+            "gate": f"{gate['signal']} < {gate['threshold']:g}"}
+
+
 def rerank_rows(retrieval: TopK, reranked: TopK, dataset: str, method: str, conf: dict, threshold: float, ns,
                 index_summary: dict | None = None) -> list[dict]:
     """The results-CSV rows of a re-ranking method: its retrieval (``rerank_k`` 0), then the
@@ -189,6 +199,7 @@ def rerank_rows(retrieval: TopK, reranked: TopK, dataset: str, method: str, conf
     common = {"dataset": dataset, "threshold_m": threshold}
     match_s, score_s = meta["seconds_per_query_matching"], meta["seconds_per_query_scoring"]
     extract_s = meta.get("seconds_per_query_extraction") or 0.0
+    gate_s = meta.get("seconds_per_query_gate") or 0.0
     return [
         {"method": meta.get("retrieval", "retrieval"), **common,
          **evaluate_topk(retrieval, threshold, ns, index_summary=index_summary),
@@ -196,9 +207,10 @@ def rerank_rows(retrieval: TopK, reranked: TopK, dataset: str, method: str, conf
         {"method": method, **common, **evaluate_topk(reranked, threshold, ns, index_summary=index_summary),
          **top1_changes(retrieval, reranked, threshold),
          "rerank_k": meta["rerank_k"],
-         "rerank_s_per_query": extract_s + match_s + score_s, "extract_s_per_query": extract_s,
+         "rerank_s_per_query": extract_s + match_s + score_s + gate_s, "extract_s_per_query": extract_s,
          "match_s_per_query": match_s, "score_s_per_query": score_s,
          **_storage(meta.get("feature_bytes_per_image")),
+         **_gate_columns(meta),
          "weights": weights_label(conf),
          "input_size": input_size(conf.get("features"), conf["matcher"]) if "matcher" in conf else "",
          "conf": conf},

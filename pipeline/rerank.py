@@ -577,16 +577,19 @@ def _stop_pool(pool: ProcessPoolExecutor, others: set) -> None:
 
 
 def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out, resolve=lambda n: n,
-               meta: dict | None = None, workers: int = 1) -> TopK:
+               meta: dict | None = None, workers: int = 1, merge_into=None) -> TopK:
     """Score the first ``k`` candidates of every query and write the re-ranked top-k file.
 
     ``features`` (the feature store's index) is needed for index matches only: matches
     of image-input matchers hold positions, and pair scores need no keypoints.
     ``workers`` > 1 scores queries in that many processes (RANSAC is seeded per pair, so
-    the scores are the ones one process gives).
+    the scores are the ones one process gives). ``merge_into``: the full retrieval list, when
+    ``topk_path`` holds only the queries a gate sent (:func:`merge_reranked`).
     """
     topk = read_topk(topk_path, made_here=True)
     matches = Matches(matches_path)
+    if len(topk) == 0:  # a gate that sent no query: nothing was matched, nothing to score
+        k = matches.k
     if matches.k < k:
         raise ValueError(f"{matches_path}: holds matches for K={matches.k} candidates, fewer than K={k}")
     if matches.info["n_queries"] != len(topk):
@@ -633,7 +636,7 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
     new_dist[:, :k] = topk.distances[idx, order]
     info = {
         **(meta or {}), "scorer": scorer_conf, "rerank_k": k, "retrieval_topk": str(topk_path),
-        "seconds_per_query_scoring": float(seconds.mean()),
+        "seconds_per_query_scoring": float(seconds.mean()) if len(seconds) else 0.0,
         "seconds_per_query_matching": matches.seconds_per_query(k),
         # local features of the query and its K candidates (image-input matchers: inside matching)
         "seconds_per_query_extraction": extraction,
@@ -641,8 +644,38 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
         "skipped_queries": topk.meta.get("skipped_queries", []),
     }
     out_topk = TopK(topk.query_names, new_names, new_index, new_dist, info)
-    write_topk(out, out_topk, extra={"rerank_scores": np.take_along_axis(scores, order, 1)})
+    out_scores = np.take_along_axis(scores, order, 1)
+    if merge_into is not None:  # a gate sent only these queries: the others keep the retrieval's order
+        out_topk, out_scores = merge_reranked(read_topk(merge_into, made_here=True), out_topk, out_scores,
+                                              topk.meta.get("gate"))
+    write_topk(out, out_topk, extra={"rerank_scores": out_scores})
     return out_topk
+
+
+def merge_reranked(full: TopK, part: TopK, part_scores: np.ndarray, gate: dict | None = None) -> tuple[TopK, np.ndarray]:
+    """The full retrieval list with the re-ranked rows of the queries a gate sent (``part``);
+    the others keep the retrieval's order (scores NaN). Times per query become means over
+    every query (a query not re-ranked costs nothing but the gate: ``gate``, its record)."""
+    row_of = {q: i for i, q in enumerate(full.query_names)}
+    names, index, dist = full.candidate_names.copy(), full.candidate_index.copy(), full.distances.copy()
+    scores = np.full((len(full), part_scores.shape[1] if part_scores.ndim == 2 else 0), np.nan)
+    for j, q in enumerate(part.query_names):
+        if q not in row_of:
+            raise ValueError(f"gated query {q!r} is not in the retrieval list")
+        i = row_of[q]
+        names[i], index[i], dist[i], scores[i] = part.candidate_names[j], part.candidate_index[j], part.distances[j], \
+            part_scores[j]
+    share = len(part) / max(len(full), 1)
+    meta = dict(part.meta)
+    for key in ("seconds_per_query_scoring", "seconds_per_query_matching", "seconds_per_query_extraction"):
+        if meta.get(key) is not None:
+            meta[key] = float(meta[key]) * share
+    gate = dict(gate or {})
+    meta["gate"] = gate
+    meta["seconds_per_query_gate"] = float(gate.get("seconds", 0.0)) / max(len(full), 1)
+    meta["fraction_reranked"] = share
+    meta["skipped_queries"] = full.meta.get("skipped_queries", [])
+    return TopK(full.query_names, names, index, dist, meta), scores
 
 
 def name_resolver(root, index_dir):
@@ -679,11 +712,13 @@ def _score_arguments(p):
     p.add_argument("--root", default=None)
     p.add_argument("--index-dir", default=None)
     p.add_argument("--workers", type=int, default=1, help="processes scoring queries in parallel")
+    p.add_argument("--merge-into", default=None,
+                   help="the full retrieval list (--topk holds the queries a gate sent; the others keep their order)")
 
 
 def _score(a):
     score_topk(a.features, a.matches, a.conf, a.topk, a.k, a.out, name_resolver(a.root, a.index_dir), a.meta,
-               workers=a.workers)
+               workers=a.workers, merge_into=a.merge_into)
 
 
 #: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)

@@ -252,6 +252,47 @@ def plot_risk_coverage(table, out, title: str = "") -> None:
     plt.close(fig)
 
 
+#: the signals a gate can use before stage 2 (the retrieval's own; no matching)
+RETRIEVAL_SIGNALS = ("l2", "ratio", "sue")
+
+
+def gate_topk(topk: TopK, signal: str, threshold: float, positions=None) -> tuple[TopK, dict]:
+    """The queries a gate re-ranks: those whose confidence (``signal``, higher = surer) is
+    below ``threshold``, as a top-k file of those queries only (same order, same lists), and
+    what was decided. ``threshold: inf`` re-ranks every query, ``-inf`` none."""
+    import time
+
+    if signal not in RETRIEVAL_SIGNALS:
+        raise ValueError(f"gate signal {signal!r}: one of {RETRIEVAL_SIGNALS} (signals known before stage 2)")
+    t0 = time.perf_counter()
+    d = descriptor_distances(topk)
+    conf = {"l2": lambda: -d[:, 0], "ratio": lambda: -d[:, 0] / np.maximum(d[:, 1], 1e-12),
+            "sue": lambda: -sue(topk, positions)}[signal]()
+    keep = np.flatnonzero(conf < threshold)
+    gated = TopK([topk.query_names[i] for i in keep], topk.candidate_names[keep], topk.candidate_index[keep],
+                 topk.distances[keep], {**topk.meta})
+    info = {"signal": signal, "threshold": threshold, "n_queries": len(topk), "n_reranked": int(len(keep)),
+            "fraction_reranked": len(keep) / max(len(topk), 1), "seconds": time.perf_counter() - t0}
+    gated.meta["gate"] = info
+    return gated, info
+
+
+def _gate_arguments(p):
+    p.add_argument("--topk", required=True, help="the retrieval's top-k file")
+    p.add_argument("--signal", required=True, choices=RETRIEVAL_SIGNALS)
+    p.add_argument("--threshold", type=float, required=True, help="re-rank queries whose confidence is below this")
+    p.add_argument("--out", required=True, help="top-k file of the queries to re-rank")
+
+
+def _gate(a):
+    from .topk import write_topk
+
+    gated, info = gate_topk(read_topk(a.topk, made_here=True), a.signal, a.threshold)
+    write_topk(a.out, gated)
+    logger.info("gate %s < %g: %d of %d queries to re-rank (%.1f%%)", a.signal, a.threshold, info["n_reranked"],
+                info["n_queries"], 100 * info["fraction_reranked"])
+
+
 def _arguments(p):
     p.add_argument("--topk", required=True, help="a retrieval top-k file")
     p.add_argument("--reranked", nargs="*", default=[], metavar="NAME=FILE",
@@ -276,4 +317,4 @@ def _run(a):
 
 
 #: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
-COMMANDS = {"uncertainty": (_arguments, _run)}
+COMMANDS = {"uncertainty": (_arguments, _run), "gate": (_gate_arguments, _gate)}

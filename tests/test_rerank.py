@@ -203,3 +203,51 @@ def test_store_folder_follows_the_model_defaults(tmp_path, monkeypatch):
     # spelling out a default in the conf is the same store as leaving it out
     monkeypatch.undo()
     assert store_dir(tmp_path, {**conf, "contrast_threshold": SIFT.default_conf["contrast_threshold"]}) == before
+
+
+def test_gate_limits_every_query_is_todays_reranking_none_is_retrieval(prepared):
+    import math
+
+    import h5py
+
+    from pipeline.uncertainty import gate_topk
+
+    root, tmp = prepared
+    base = read_topk(tmp / "topk.h5")  # confidence (minus the top-1 distance) falls query after query
+    full = TopK(base.query_names, base.candidate_names, base.candidate_index,
+                base.distances + 0.1 * np.arange(len(base), dtype=np.float32)[:, None])
+    write_topk(tmp / "full.h5", full)
+    write_json(tmp / "feat.json", extract_local(SIFT, root, rr.needed_images([(tmp / "full.h5", 4)]), tmp / "local",
+                                                device="cpu"))
+    mnn, ransac = {"name": "mnn", "ratio": 0.9}, {"name": "ransac", "threshold": 8}
+    rr.match_topk(tmp / "feat.json", mnn, tmp / "full.h5", 4, tmp / "m.h5", device="cpu")
+    today = rr.score_topk(tmp / "feat.json", tmp / "m.h5", ransac, tmp / "full.h5", 4, tmp / "today.h5")
+
+    def gated_run(threshold, tag):
+        gated, info = gate_topk(full, "l2", threshold)
+        write_topk(tmp / f"{tag}.h5", gated)
+        rr.match_topk(tmp / "feat.json", mnn, tmp / f"{tag}.h5", 4, tmp / f"m_{tag}.h5", device="cpu")
+        out = rr.score_topk(tmp / "feat.json", tmp / f"m_{tag}.h5", ransac, tmp / f"{tag}.h5", 4, tmp / f"rr_{tag}.h5",
+                            merge_into=tmp / "full.h5")
+        with h5py.File(tmp / f"rr_{tag}.h5") as f:
+            return out, info, f["rerank_scores"][:]
+
+    with h5py.File(tmp / "today.h5") as f:
+        today_scores = f["rerank_scores"][:]
+    out, info, scores = gated_run(math.inf, "all")  # every query: today's re-ranking exactly
+    assert info["n_reranked"] == len(full)
+    for key in ("candidate_names", "candidate_index", "distances"):
+        np.testing.assert_array_equal(getattr(out, key), getattr(today, key))
+    np.testing.assert_array_equal(scores, today_scores)
+    out, info, scores = gated_run(-math.inf, "none")  # no query: the retrieval alone, and nothing matched
+    assert info["n_reranked"] == 0 and np.isnan(scores).all()
+    for key in ("candidate_names", "candidate_index", "distances"):
+        np.testing.assert_array_equal(getattr(out, key), getattr(full, key))
+    assert out.meta["seconds_per_query_matching"] == 0
+    # a threshold between: the least confident queries re-ranked, the others in retrieval order
+    conf = -np.sqrt(full.distances[:, 0])
+    out, info, _ = gated_run(float(np.median(conf)), "half")
+    sent = conf < np.median(conf)
+    assert info["n_reranked"] == sent.sum() > 0 and out.meta["fraction_reranked"] == pytest.approx(sent.mean())
+    np.testing.assert_array_equal(out.candidate_names[sent], today.candidate_names[sent])
+    np.testing.assert_array_equal(out.candidate_names[~sent], full.candidate_names[~sent])

@@ -38,6 +38,7 @@ localrules:
     fetch_weights,
     fetch_data,
     published_stage1,
+    gate,
     check_weights,
     results,
     rerank_results,
@@ -301,6 +302,17 @@ def index_summary(dataset):
 RERANK = config["rerank_methods"]
 
 
+def stage2_retrieval(method):
+    """The top-k list stage 2 of a method works on: its retrieval's, or for a gated method
+    (gate: in its config) the gate's subset of it, ``<retrieval>~<method>`` (rule gate)."""
+    c = RERANK[method]
+    return f"{c['retrieval']}~{method}" if c.get("gate") else c["retrieval"]
+
+
+# gated top-k name -> its method
+GATES = {stage2_retrieval(m): m for m, c in RERANK.items() if c.get("gate")}
+
+
 LOCAL = config["local_features"]
 
 
@@ -360,15 +372,15 @@ def features_users(dataset, features):
     pairs = {}
     for m, c in RERANK.items():
         if c["features"] == features and rerank_available(dataset, m):
-            path = topk_file(dataset, c["retrieval"])
+            path = topk_file(dataset, stage2_retrieval(m))
             pairs[path] = max(pairs.get(path, 0), c["k"])
     return sorted(pairs.items())
 
 
 def match_k(retrieval, features, matcher):
     """The largest K of the methods that share these matches."""
-    return max(c["k"] for c in RERANK.values()
-               if (c["retrieval"], features_part(c), c["matcher"]) == (retrieval, features, matcher))
+    return max(c["k"] for m, c in RERANK.items()
+               if (stage2_retrieval(m), features_part(c), c["matcher"]) == (retrieval, features, matcher))
 
 
 def resolver_args(wildcards):
@@ -405,6 +417,14 @@ def match_inputs(w):
     }
 
 
+def merge_arg(input):
+    return f"--merge-into {shlex.quote(input.full)}" if "full" in input.keys() else ""
+
+
+def gate_input(w):
+    return topk_file(w.dataset, RERANK[GATES[w.gmethod]]["retrieval"])
+
+
 def features_arg(input):
     return f"--features {shlex.quote(input.features)}" if "features" in input.keys() else ""
 
@@ -412,9 +432,11 @@ def features_arg(input):
 def score_inputs(w):
     c = RERANK[w.method]
     named = {
-        "matches": matches_file(w.dataset, c["retrieval"], features_part(c), c["matcher"]),
-        "topk": topk_file(w.dataset, c["retrieval"]),
+        "matches": matches_file(w.dataset, stage2_retrieval(w.method), features_part(c), c["matcher"]),
+        "topk": topk_file(w.dataset, stage2_retrieval(w.method)),
     }
+    if c.get("gate"):  # the gate's subset is scored, then merged into the full list
+        named["full"] = topk_file(w.dataset, c["retrieval"])
     if c["features"]:  # index matches need the keypoints; every method reports the extraction time
         named["features"] = features_file(w.dataset, c["features"])
     return named_with_stamp(rerank_file(w.dataset, w.method), named)
@@ -447,8 +469,9 @@ def report_spec():
             methods[m] = {
                 "retrieval_topk": topk_file(d, c["retrieval"]),
                 "reranked_topk": rerank_file(d, m),
-                "features": features_file(d, c["features"]) if c["features"] else None,
-                "matches": matches_file(d, c["retrieval"], features_part(c), c["matcher"]),
+                # a gated method matched only the queries its gate sent: no match figures
+                "features": features_file(d, c["features"]) if c["features"] and not c.get("gate") else None,
+                "matches": None if c.get("gate") else matches_file(d, c["retrieval"], features_part(c), c["matcher"]),
                 "scorer": config["scorers"][c["scorer"]],
             }
         root = DATASETS[d].get("root")

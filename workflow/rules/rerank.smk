@@ -66,7 +66,7 @@ rule match:
     output:
         matches_file("{dataset}", "{retrieval}", "{features}", "{matcher}"),
     wildcard_constraints:
-        retrieval=alternation(GMETHODS),
+        retrieval=alternation(list(GMETHODS) + list(GATES)),
         features=alternation(list(LOCAL) + [IMAGES]),
         matcher=alternation(MATCHERS),
     params:
@@ -91,6 +91,28 @@ rule match:
         " --k {params.k} --out {output:q} --store-base {params.store:q} {params.resolver} 2> {log:q}"
 
 
+rule gate:
+    """The queries a gated method re-ranks (its confidence signal below its threshold), as a
+    top-k file of those queries: stage 2 never sees the others."""
+    input:
+        gate_input,
+    output:
+        topk_file("{dataset}", "{gmethod}"),
+    wildcard_constraints:
+        gmethod=alternation(GATES),
+    params:
+        py=PY,
+        signal=lambda w: RERANK[GATES[w.gmethod]]["gate"]["signal"],
+        threshold=lambda w: RERANK[GATES[w.gmethod]]["gate"]["threshold"],
+    log:
+        log_file("gate_{dataset}_{gmethod}"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.py} gate --topk {input:q} --signal {params.signal} --threshold={params.threshold} --out {output:q}"
+        " 2> {log:q}"
+
+
 rule score:
     """Scores of each method's matches, and the re-ranked top-k lists."""
     input:
@@ -106,6 +128,7 @@ rule score:
         meta=lambda w: json.dumps({"method": w.method, "retrieval": RERANK[w.method]["retrieval"], "dataset": w.dataset}),
         resolver=resolver_args,
         features=lambda w, input: features_arg(input),
+        merge=lambda w, input: merge_arg(input),
     log:
         log_file("score_{dataset}_{method}"),
     threads: 2
@@ -114,7 +137,7 @@ rule score:
     shell:
         "{params.py} score {params.features} --matches {input.matches:q} --conf {params.conf:q}"
         " --topk {input.topk:q} --k {params.k} --out {output:q} --meta {params.meta:q} {params.resolver}"
-        " --workers {threads} 2> {log:q}"
+        " --workers {threads} {params.merge} 2> {log:q}"
 
 
 rule rerank_results:
