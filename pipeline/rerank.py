@@ -616,7 +616,9 @@ def score_topk(features, matches_path, scorer_conf: dict, topk_path, k: int, out
     seconds = np.zeros(len(topk))
     bar = tqdm(total=len(topk), desc=f"score {scorer_conf['name']}", mininterval=2, unit="query")
     workers = max(1, min(int(workers), len(topk)))
-    if workers == 1:
+    if len(topk) == 0:
+        pass  # a gate that sent no query
+    elif workers == 1:
         one = QueryScorer(*args)
         for qi in range(len(topk)):
             scores[qi], seconds[qi] = one(qi)

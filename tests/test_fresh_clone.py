@@ -119,7 +119,3 @@ def test_offline_then_online_on_a_clone_with_nothing_beside_it(tmp_path):
     assert thesis["R@1"] == pytest.approx(26.32, abs=0.01)
     aliked = pd.read_csv(wd / "results" / "demo" / "aliked_lightglue.csv").iloc[1]
     assert "aliked-n16.pth sha256:5be8704840ed" in aliked.weights
-
-    # nothing left to do, and no network needed for it any more
-    code, out = run(wd, environment(tmp_path, "http://127.0.0.1:9"), "-n")
-    assert code == 0 and "Nothing to be done" in out, out

@@ -83,6 +83,7 @@ def test_no_server_fails_before_any_extraction_naming_the_urls(tmp_path):
     assert not list((tmp_path / "cache").glob("*.pth"))
 
 
+@pytest.mark.slow  # in CI, tests/test_fresh_clone.py checks the same early stop on the real config
 def test_default_target_stops_before_any_job_when_its_files_cannot_be_fetched(tmp_path):
     wd = project(tmp_path)
     env = environment(tmp_path, "http://127.0.0.1:9")
