@@ -38,6 +38,7 @@ COMMANDS = {
     "rerank-results": ("evaluate", "results CSV of a re-ranking method beside its retrieval"),
     "uncertainty": ("uncertainty", "per-query confidence signals of a retrieval and their AUC-PR (is the top-1 right?)"),
     "gate": ("uncertainty", "the queries a confidence gate sends to re-ranking, as a top-k file"),
+    "gate-fit": ("uncertainty", "a gate threshold learnt on one dataset (logistic model of a right top-1)"),
     "random-weights": ("random_weights", "a seeded random checkpoint in a model's official format (labelled)"),
     "summary": ("reports.summary", "the thesis's table over results CSVs (summary.csv/.md/.html)"),
     "report": ("reports.html", "HTML report: tables, recall vs time / K, qualitative figures"),

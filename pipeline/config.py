@@ -71,6 +71,10 @@ def check_config(config: dict) -> dict:
                     f"{sorted(config.get(section, {}))}"
                 )
         check_method_kinds(name, method, config)
+        fit = (method.get("gate") or {}).get("fit")
+        if fit and fit["dataset"] not in config["datasets"]:
+            raise ConfigError(f"rerank_methods.{name}.gate.fit.dataset is {fit['dataset']!r}, which is not under "
+                              f"datasets: {sorted(config['datasets'])}")
         if method["k"] > config["retrieval"]["k"]:
             raise ConfigError(f"rerank_methods.{name}.k={method['k']} exceeds retrieval.k={config['retrieval']['k']}")
     for name, ns in config.get("nightsets", {}).items():

@@ -256,18 +256,62 @@ def plot_risk_coverage(table, out, title: str = "") -> None:
 RETRIEVAL_SIGNALS = ("l2", "ratio", "sue")
 
 
+def retrieval_confidence(topk: TopK, signal: str, positions=None) -> np.ndarray:
+    """One of the signals known before stage 2 (higher = surer), per query."""
+    if signal not in RETRIEVAL_SIGNALS:
+        raise ValueError(f"gate signal {signal!r}: one of {RETRIEVAL_SIGNALS} (signals known before stage 2)")
+    d = descriptor_distances(topk)
+    return {"l2": lambda: -d[:, 0], "ratio": lambda: -d[:, 0] / np.maximum(d[:, 1], 1e-12),
+            "sue": lambda: -sue(topk, positions)}[signal]()
+
+
+def fit_logistic(confidence, right, iters: int = 100, l2: float = 1e-6) -> tuple[float, float]:
+    """``(a, b)`` of P(top-1 right) = sigmoid(a + b * confidence), by Newton's method on the
+    standardised signal (a tiny ridge keeps a separable set finite)."""
+    c, y = np.asarray(confidence, np.float64), np.asarray(right, np.float64)
+    keep = np.isfinite(c)
+    c, y = c[keep], y[keep]
+    if len(c) < 2 or y.min() == y.max():
+        raise ValueError("a gate fit needs queries whose top-1 is right and queries whose top-1 is wrong")
+    mu, sd = c.mean(), c.std() or 1.0
+    x = np.c_[np.ones_like(c), (c - mu) / sd]
+    w = np.zeros(2)
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-x @ w))
+        grad = x.T @ (p - y) + l2 * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    b = w[1] / sd
+    return float(w[0] - b * mu), float(b)
+
+
+def gate_fit(topk: TopK, signal: str, p_right: float = 0.5, threshold_m: float = 25.0, positions=None) -> dict:
+    """A gate threshold learnt on one dataset: the logistic model of "the top-1 is right"
+    given the signal, and the signal value where P(right) = ``p_right`` (queries below it are
+    re-ranked). The record is applied to other datasets unchanged."""
+    conf = retrieval_confidence(topk, signal, positions)
+    right = candidate_distances(topk, positions)[:, 0] <= threshold_m
+    a, b = fit_logistic(conf, right)
+    if b <= 0:
+        raise ValueError(f"gate fit: on this dataset a higher {signal} confidence does not predict a right top-1 "
+                         f"(slope {b:.3g}); choose another signal or a fixed threshold")
+    threshold = (math.log(p_right / (1 - p_right)) - a) / b
+    return {"signal": signal, "a": a, "b": b, "p_right": p_right, "threshold": threshold, "n_queries": len(topk),
+            "top1_right_pct": 100.0 * float(right.mean()),
+            "fraction_reranked_here": float(np.mean(conf < threshold))}
+
+
 def gate_topk(topk: TopK, signal: str, threshold: float, positions=None) -> tuple[TopK, dict]:
     """The queries a gate re-ranks: those whose confidence (``signal``, higher = surer) is
     below ``threshold``, as a top-k file of those queries only (same order, same lists), and
     what was decided. ``threshold: inf`` re-ranks every query, ``-inf`` none."""
     import time
 
-    if signal not in RETRIEVAL_SIGNALS:
-        raise ValueError(f"gate signal {signal!r}: one of {RETRIEVAL_SIGNALS} (signals known before stage 2)")
     t0 = time.perf_counter()
-    d = descriptor_distances(topk)
-    conf = {"l2": lambda: -d[:, 0], "ratio": lambda: -d[:, 0] / np.maximum(d[:, 1], 1e-12),
-            "sue": lambda: -sue(topk, positions)}[signal]()
+    conf = retrieval_confidence(topk, signal, positions)
     keep = np.flatnonzero(conf < threshold)
     gated = TopK([topk.query_names[i] for i in keep], topk.candidate_names[keep], topk.candidate_index[keep],
                  topk.distances[keep], {**topk.meta})
@@ -280,17 +324,46 @@ def gate_topk(topk: TopK, signal: str, threshold: float, positions=None) -> tupl
 def _gate_arguments(p):
     p.add_argument("--topk", required=True, help="the retrieval's top-k file")
     p.add_argument("--signal", required=True, choices=RETRIEVAL_SIGNALS)
-    p.add_argument("--threshold", type=float, required=True, help="re-rank queries whose confidence is below this")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--threshold", type=float, help="re-rank queries whose confidence is below this")
+    how.add_argument("--fit", help="a gate-fit record (JSON): its threshold, learnt on another dataset")
     p.add_argument("--out", required=True, help="top-k file of the queries to re-rank")
 
 
 def _gate(a):
+    from .io import read_json
     from .topk import write_topk
 
-    gated, info = gate_topk(read_topk(a.topk, made_here=True), a.signal, a.threshold)
+    threshold = a.threshold
+    if a.fit:
+        fit = read_json(a.fit)
+        if fit.get("signal") != a.signal:
+            raise ValueError(f"{a.fit}: fitted for signal {fit.get('signal')!r}, not {a.signal!r}")
+        threshold = float(fit["threshold"])
+    gated, info = gate_topk(read_topk(a.topk, made_here=True), a.signal, threshold)
     write_topk(a.out, gated)
     logger.info("gate %s < %g: %d of %d queries to re-rank (%.1f%%)", a.signal, a.threshold, info["n_reranked"],
                 info["n_queries"], 100 * info["fraction_reranked"])
+
+
+def _fit_arguments(p):
+    p.add_argument("--topk", required=True, help="the retrieval's top-k file on the dataset to learn from")
+    p.add_argument("--signal", required=True, choices=RETRIEVAL_SIGNALS)
+    p.add_argument("--p-right", type=float, default=0.5,
+                   help="re-rank queries whose predicted probability of a right top-1 is below this")
+    p.add_argument("--threshold-m", type=float, default=25.0)
+    p.add_argument("--out", required=True, help="the fit (JSON)")
+
+
+def _fit(a):
+    from .io import write_json
+
+    if not 0 < a.p_right < 1:
+        raise ValueError(f"--p-right {a.p_right}: a probability strictly between 0 and 1")
+    fit = gate_fit(read_topk(a.topk, made_here=True), a.signal, a.p_right, a.threshold_m)
+    write_json(a.out, {**fit, "fitted_on": str(a.topk)})
+    logger.info("gate fit on %s: P(right) = sigmoid(%.3g + %.3g x %s); threshold %.4g (re-ranks %.0f%% there)",
+                a.topk, fit["a"], fit["b"], a.signal, fit["threshold"], 100 * fit["fraction_reranked_here"])
 
 
 def _arguments(p):
@@ -317,4 +390,4 @@ def _run(a):
 
 
 #: ``python -m pipeline`` subcommands (see :mod:`pipeline.cli`)
-COMMANDS = {"uncertainty": (_arguments, _run), "gate": (_gate_arguments, _gate)}
+COMMANDS = {"uncertainty": (_arguments, _run), "gate": (_gate_arguments, _gate), "gate-fit": (_fit_arguments, _fit)}

@@ -103,3 +103,37 @@ def test_risk_coverage_reranks_the_least_confident_first():
     # a NaN signal counts as least confident
     _, r1 = risk_coverage(before, after, np.array([0.9, 0.1, 0.5, np.nan]))
     np.testing.assert_allclose(r1, [50, 25, 50, 50, 50])
+
+
+def test_logistic_fit_recovers_the_model_and_gives_the_threshold():
+    from pipeline.uncertainty import fit_logistic
+
+    rng = np.random.default_rng(0)
+    c = rng.normal(-1.0, 0.5, 20000)
+    right = rng.random(len(c)) < 1 / (1 + np.exp(-(2.0 + 3.0 * c)))  # P(right) = sigmoid(2 + 3c)
+    a, b = fit_logistic(c, right)
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(3.0, abs=0.15)
+    with pytest.raises(ValueError, match="right and queries whose top-1 is wrong"):
+        fit_logistic(c, np.ones(len(c), bool))
+
+
+def test_gate_fitted_on_one_set_applies_to_another(tmp_path):
+    from pipeline.cli import main
+    from pipeline.io import read_json
+    from pipeline.topk import write_topk
+    from pipeline.uncertainty import gate_fit, retrieval_confidence
+
+    topk = read_topk(need_shared(FIXTURE_TOPK))
+    fit = gate_fit(topk, "l2", p_right=0.5)
+    assert fit["b"] > 0 and 0 < fit["fraction_reranked_here"] < 1
+    conf = retrieval_confidence(topk, "l2")
+    # the threshold is where the model says 50%: queries below it are sent
+    assert 1 / (1 + np.exp(-(fit["a"] + fit["b"] * fit["threshold"]))) == pytest.approx(0.5)
+    write_topk(tmp_path / "t.h5", topk)
+    assert main(["gate-fit", "--topk", str(tmp_path / "t.h5"), "--signal", "l2", "--out", str(tmp_path / "fit.json")]) == 0
+    assert read_json(tmp_path / "fit.json")["threshold"] == pytest.approx(fit["threshold"])
+    assert main(["gate", "--topk", str(tmp_path / "t.h5"), "--signal", "l2", "--fit", str(tmp_path / "fit.json"),
+                 "--out", str(tmp_path / "g.h5")]) == 0
+    assert len(read_topk(tmp_path / "g.h5")) == int((conf < fit["threshold"]).sum())
+    assert main(["gate", "--topk", str(tmp_path / "t.h5"), "--signal", "sue", "--fit", str(tmp_path / "fit.json"),
+                 "--out", str(tmp_path / "g2.h5")]) != 0  # a fit of another signal is refused

@@ -236,14 +236,19 @@ def test_a_gate_sends_only_uncertain_queries_to_stage2(project):
     cfg = yaml.safe_load((wd / "config.yaml").read_text())
     retrieval = read_topk(wd / "work" / "syn" / "topk" / "vlad_sift.h5")
     median = float(np.median(-np.sqrt(retrieval.distances[:, 0])))
-    for name, threshold in (("gated_none", -math.inf), ("gated_half", median)):
-        cfg["rerank_methods"][name] = {**cfg["rerank_methods"]["sift_ransac"],
-                                       "gate": {"signal": "l2", "threshold": threshold}}
+    for name, gate in (("gated_none", {"threshold": -math.inf}), ("gated_half", {"threshold": median}),
+                       ("gated_fit", {"fit": {"dataset": "syn", "p_right": 0.5}})):
+        cfg["rerank_methods"][name] = {**cfg["rerank_methods"]["sift_ransac"], "gate": {"signal": "l2", **gate}}
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
-    targets = [f"results/syn/{m}.csv" for m in ("gated_none", "gated_half")]
+    targets = [f"results/syn/{m}.csv" for m in ("gated_none", "gated_half", "gated_fit")]
     code, out = snakemake(wd, *targets)
     assert code == 0, out
-    assert job_counts(out)["gate"] == 2
+    assert job_counts(out)["gate"] == 3 and job_counts(out)["gate_fit"] == 1
+    # a learnt threshold: the logistic model fitted on the dataset's retrieval decides
+    fit = json.loads((wd / "work" / "syn" / "gate_fit" / "gated_fit.json").read_text())
+    fitted = pd.read_csv(wd / "results" / "syn" / "gated_fit.csv").iloc[1]
+    assert fitted.fraction_reranked == pytest.approx(fit["fraction_reranked_here"], abs=0.01)  # CSV: 2 decimals
+    assert fitted.gate == f"l2 < {fit['threshold']:g}"
     res = {m: pd.read_csv(wd / "results" / "syn" / f"{m}.csv").iloc[1] for m in ("gated_none", "gated_half")}
     base = pd.read_csv(wd / "results" / "syn" / "sift_ransac.csv").iloc[0]
     assert res["gated_none"]["R@1"] == base["R@1"] and res["gated_none"].fraction_reranked == 0  # none: retrieval

@@ -39,6 +39,7 @@ localrules:
     fetch_data,
     published_stage1,
     gate,
+    gate_fit,
     check_weights,
     results,
     rerank_results,
@@ -421,8 +422,22 @@ def merge_arg(input):
     return f"--merge-into {shlex.quote(input.full)}" if "full" in input.keys() else ""
 
 
-def gate_input(w):
-    return topk_file(w.dataset, RERANK[GATES[w.gmethod]]["retrieval"])
+def gate_inputs(w):
+    """The retrieval list to gate, and the learnt threshold of a fitted gate."""
+    m = GATES[w.gmethod]
+    fit = RERANK[m]["gate"].get("fit")
+    return {"topk": topk_file(w.dataset, RERANK[m]["retrieval"]),
+            "fit": [gate_fit_file(fit["dataset"], m)] if fit else []}
+
+
+def gate_arg(w, input):
+    if input.fit:
+        return f"--fit {shlex.quote(input.fit[0])}"
+    return f"--threshold={RERANK[GATES[w.gmethod]]['gate']['threshold']}"
+
+
+# re-ranking methods whose gate threshold is learnt on a dataset (rule gate_fit)
+FITTED_GATES = [m for m, c in RERANK.items() if (c.get("gate") or {}).get("fit")]
 
 
 def features_arg(input):

@@ -46,6 +46,11 @@ def topk_file(dataset, gmethod):
     return f"{WORK}/{dataset}/topk/{gmethod}.h5"
 
 
+def gate_fit_file(dataset, method):
+    """A gate threshold learnt on ``dataset`` for a re-ranking method (rule gate_fit)."""
+    return f"{WORK}/{dataset}/gate_fit/{method}.json"
+
+
 def features_base(dataset):
     """The folder of a dataset's feature stores (one sub-folder per extractor conf)."""
     return f"{WORK}/{dataset}/local"

@@ -91,11 +91,34 @@ rule match:
         " --k {params.k} --out {output:q} --store-base {params.store:q} {params.resolver} 2> {log:q}"
 
 
-rule gate:
-    """The queries a gated method re-ranks (its confidence signal below its threshold), as a
-    top-k file of those queries: stage 2 never sees the others."""
+rule gate_fit:
+    """A gate threshold learnt on one dataset: the logistic model of a right top-1 given the
+    signal, on this method's retrieval there (applied to every dataset the method runs on)."""
     input:
-        gate_input,
+        lambda w: topk_file(w.dataset, RERANK[w.method]["retrieval"]),
+    output:
+        gate_fit_file("{dataset}", "{method}"),
+    wildcard_constraints:
+        method=alternation(FITTED_GATES),
+    params:
+        py=PY,
+        signal=lambda w: RERANK[w.method]["gate"]["signal"],
+        p_right=lambda w: RERANK[w.method]["gate"]["fit"]["p_right"],
+        threshold=config["evaluation"]["threshold_m"],
+    log:
+        log_file("gate_fit_{dataset}_{method}"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.py} gate-fit --topk {input:q} --signal {params.signal} --p-right {params.p_right}"
+        " --threshold-m {params.threshold} --out {output:q} 2> {log:q}"
+
+
+rule gate:
+    """The queries a gated method re-ranks (its confidence signal below its threshold: fixed,
+    or learnt by gate_fit), as a top-k file of those queries: stage 2 never sees the others."""
+    input:
+        unpack(gate_inputs),
     output:
         topk_file("{dataset}", "{gmethod}"),
     wildcard_constraints:
@@ -103,14 +126,13 @@ rule gate:
     params:
         py=PY,
         signal=lambda w: RERANK[GATES[w.gmethod]]["gate"]["signal"],
-        threshold=lambda w: RERANK[GATES[w.gmethod]]["gate"]["threshold"],
+        how=gate_arg,
     log:
         log_file("gate_{dataset}_{gmethod}"),
     conda:
         CONDA_ENV
     shell:
-        "{params.py} gate --topk {input:q} --signal {params.signal} --threshold={params.threshold} --out {output:q}"
-        " 2> {log:q}"
+        "{params.py} gate --topk {input.topk:q} --signal {params.signal} {params.how} --out {output:q} 2> {log:q}"
 
 
 rule score:
