@@ -321,6 +321,18 @@ def gate_topk(topk: TopK, signal: str, threshold: float, positions=None) -> tupl
     return gated, info
 
 
+def _index_positions(index_dir):
+    """Positions from a dataset's index tables (a dataset whose names carry none), or None."""
+    if not index_dir:
+        return None
+    from .evaluate import index_positions
+
+    return index_positions(index_dir)
+
+
+INDEX_HELP = "the dataset's index folder: positions from its tables (datasets with a positions CSV)"
+
+
 def _gate_arguments(p):
     p.add_argument("--topk", required=True, help="the retrieval's top-k file")
     p.add_argument("--signal", required=True, choices=RETRIEVAL_SIGNALS)
@@ -328,6 +340,7 @@ def _gate_arguments(p):
     how.add_argument("--threshold", type=float, help="re-rank queries whose confidence is below this")
     how.add_argument("--fit", help="a gate-fit record (JSON): its threshold, learnt on another dataset")
     p.add_argument("--out", required=True, help="top-k file of the queries to re-rank")
+    p.add_argument("--index-dir", default=None, help=INDEX_HELP)
 
 
 def _gate(a):
@@ -340,7 +353,7 @@ def _gate(a):
         if fit.get("signal") != a.signal:
             raise ValueError(f"{a.fit}: fitted for signal {fit.get('signal')!r}, not {a.signal!r}")
         threshold = float(fit["threshold"])
-    gated, info = gate_topk(read_topk(a.topk, made_here=True), a.signal, threshold)
+    gated, info = gate_topk(read_topk(a.topk, made_here=True), a.signal, threshold, _index_positions(a.index_dir))
     write_topk(a.out, gated)
     logger.info("gate %s < %g: %d of %d queries to re-rank (%.1f%%)", a.signal, a.threshold, info["n_reranked"],
                 info["n_queries"], 100 * info["fraction_reranked"])
@@ -353,6 +366,7 @@ def _fit_arguments(p):
                    help="re-rank queries whose predicted probability of a right top-1 is below this")
     p.add_argument("--threshold-m", type=float, default=25.0)
     p.add_argument("--out", required=True, help="the fit (JSON)")
+    p.add_argument("--index-dir", default=None, help=INDEX_HELP)
 
 
 def _fit(a):
@@ -360,7 +374,8 @@ def _fit(a):
 
     if not 0 < a.p_right < 1:
         raise ValueError(f"--p-right {a.p_right}: a probability strictly between 0 and 1")
-    fit = gate_fit(read_topk(a.topk, made_here=True), a.signal, a.p_right, a.threshold_m)
+    fit = gate_fit(read_topk(a.topk, made_here=True), a.signal, a.p_right, a.threshold_m,
+                   _index_positions(a.index_dir))
     write_json(a.out, {**fit, "fitted_on": str(a.topk)})
     logger.info("gate fit on %s: P(right) = sigmoid(%.3g + %.3g x %s); threshold %.4g (re-ranks %.0f%% there)",
                 a.topk, fit["a"], fit["b"], a.signal, fit["threshold"], 100 * fit["fraction_reranked_here"])
@@ -375,6 +390,7 @@ def _arguments(p):
     p.add_argument("--summary", required=True, help="AUC-PR per signal (CSV)")
     p.add_argument("--plot", default=None, help="precision-recall curves (PNG/PDF)")
     p.add_argument("--title", default="")
+    p.add_argument("--index-dir", default=None, help=INDEX_HELP)
 
 
 def _run(a):
@@ -384,7 +400,7 @@ def _run(a):
         if not sep:
             raise ValueError(f"--reranked {item!r}: expected NAME=FILE")
         reranked[name] = path
-    sig = signals(read_topk(a.topk), a.threshold, reranked=reranked)
+    sig = signals(read_topk(a.topk), a.threshold, _index_positions(a.index_dir), reranked)
     for row in write_tables(sig, a.out, a.summary, a.plot, a.title):
         print(f"{row['signal']:<16} AUC-PR {row['auc_pr']:.3f}  ({row['n_queries']} queries)")
 

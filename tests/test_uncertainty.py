@@ -137,3 +137,31 @@ def test_gate_fitted_on_one_set_applies_to_another(tmp_path):
     assert len(read_topk(tmp_path / "g.h5")) == int((conf < fit["threshold"]).sum())
     assert main(["gate", "--topk", str(tmp_path / "t.h5"), "--signal", "sue", "--fit", str(tmp_path / "fit.json"),
                  "--out", str(tmp_path / "g2.h5")]) != 0  # a fit of another signal is refused
+
+
+def test_gate_on_a_dataset_whose_names_carry_no_positions(tiny_dataset, tmp_path):
+    """Positions from the index tables (a positions CSV): the gate, its fit and the signals use them."""
+    from pipeline.cli import main
+    from pipeline.datasets.index import index_dataset, read_table
+    from pipeline.topk import write_topk
+
+    from .test_index import plain_named_dataset
+
+    csv = plain_named_dataset(tiny_dataset, tmp_path)
+    index_dataset(tiny_dataset, tmp_path / "index", positions=csv)
+    db = read_table(tmp_path / "index" / "database.csv").name.tolist()
+    queries = read_table(tmp_path / "index" / "queries.csv").name.tolist()
+    cands = [[db[(3 * j + 6 + r) % 12] for r in range(3)] for j in range(len(queries))]
+    cands[0][0] = db[0]  # query 0's top-1 is right (2.2 m away)
+    dist = np.array([[0.1, 0.5, 0.6], [0.9, 1.0, 1.1], [0.95, 1.0, 1.2], [1.2, 1.3, 1.4]])[: len(queries)]
+    write_topk(tmp_path / "t.h5", TopK(queries, cands, np.zeros(dist.shape), dist))
+    idx = ["--index-dir", str(tmp_path / "index")]
+    assert main(["gate", "--topk", str(tmp_path / "t.h5"), "--signal", "sue", "--threshold=-1e9",
+                 "--out", str(tmp_path / "g.h5"), *idx]) == 0
+    assert main(["uncertainty", "--topk", str(tmp_path / "t.h5"), "--out", str(tmp_path / "s.csv"),
+                 "--summary", str(tmp_path / "a.csv"), *idx]) == 0
+    sig = pd.read_csv(tmp_path / "s.csv")
+    assert sig.top1_right.tolist() == [True] + [False] * (len(queries) - 1)
+    # without the index tables the names (IMG_*.jpg) say nothing
+    assert main(["gate", "--topk", str(tmp_path / "t.h5"), "--signal", "sue", "--threshold=0",
+                 "--out", str(tmp_path / "g2.h5")]) != 0

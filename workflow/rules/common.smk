@@ -430,6 +430,11 @@ def gate_inputs(w):
             "fit": [gate_fit_file(fit["dataset"], m)] if fit else []}
 
 
+def positions_index_arg(dataset):
+    """--index-dir for a dataset whose names carry no positions (a positions CSV), else ""."""
+    return f"--index-dir {shlex.quote(index_dir(dataset))}" if DATASETS[dataset].get("positions") else ""
+
+
 def gate_arg(w, input):
     if input.fit:
         return f"--fit {shlex.quote(input.fit[0])}"

@@ -105,13 +105,14 @@ rule gate_fit:
         signal=lambda w: RERANK[w.method]["gate"]["signal"],
         p_right=lambda w: RERANK[w.method]["gate"]["fit"]["p_right"],
         threshold=config["evaluation"]["threshold_m"],
+        index=lambda w: positions_index_arg(w.dataset),
     log:
         log_file("gate_fit_{dataset}_{method}"),
     conda:
         CONDA_ENV
     shell:
         "{params.py} gate-fit --topk {input:q} --signal {params.signal} --p-right {params.p_right}"
-        " --threshold-m {params.threshold} --out {output:q} 2> {log:q}"
+        " --threshold-m {params.threshold} {params.index} --out {output:q} 2> {log:q}"
 
 
 rule gate:
@@ -127,12 +128,14 @@ rule gate:
         py=PY,
         signal=lambda w: RERANK[GATES[w.gmethod]]["gate"]["signal"],
         how=gate_arg,
+        index=lambda w: positions_index_arg(w.dataset),
     log:
         log_file("gate_{dataset}_{gmethod}"),
     conda:
         CONDA_ENV
     shell:
-        "{params.py} gate --topk {input.topk:q} --signal {params.signal} {params.how} --out {output:q} 2> {log:q}"
+        "{params.py} gate --topk {input.topk:q} --signal {params.signal} {params.how} {params.index} --out {output:q}"
+        " 2> {log:q}"
 
 
 rule score:
