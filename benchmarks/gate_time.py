@@ -32,13 +32,7 @@ from pipeline.extract_local import extract_local  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 from pipeline.rerank import match_topk, needed_images, score_topk  # noqa: E402
 from pipeline.topk import read_topk, write_topk  # noqa: E402
-from pipeline.uncertainty import descriptor_distances, gate_topk, sue  # noqa: E402
-
-
-def confidence(topk, signal):
-    d = descriptor_distances(topk)
-    return {"l2": lambda: -d[:, 0], "ratio": lambda: -d[:, 0] / np.maximum(d[:, 1], 1e-12),
-            "sue": lambda: -sue(topk)}[signal]()
+from pipeline.uncertainty import gate_topk, retrieval_confidence  # noqa: E402
 
 
 def stage2(tmp: Path, root: Path, topk_path: Path, full_path: Path, k: int, ext: dict, matcher: dict, tag: str):
@@ -68,7 +62,7 @@ def main():
         generate(root, {"seed": 0})
         full_path = retrieval(tmp, root, a.k, a.queries)
         full = read_topk(full_path)
-        conf = confidence(full, a.signal)
+        conf = retrieval_confidence(full, a.signal)
         rows, base_time = [], None
         for share in sorted(a.shares, reverse=True):
             threshold = math.inf if share >= 1 else (-math.inf if share <= 0 else float(np.quantile(conf, share)))

@@ -123,8 +123,9 @@ def format_table(rows: list[dict], ns=DEFAULT_NS) -> str:
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines)
 
 
-def write_results(path, rows: list[dict]) -> None:
-    """Write result rows (dicts; nested values as JSON) as a CSV, atomically."""
+def write_results(path, rows: list[dict], float_format: str | None = ".2f") -> None:
+    """Write result rows (dicts; nested values as JSON) as a CSV, atomically; floats with
+    ``float_format`` (None: as Python prints them, every digit)."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -134,7 +135,8 @@ def write_results(path, rows: list[dict]) -> None:
             w.writeheader()
             for r in rows:
                 w.writerow({k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else
-                                (f"{v:.2f}" if isinstance(v, float) else v)) for k, v in r.items()})
+                                (format(v, float_format) if isinstance(v, float) and float_format else v))
+                             for k, v in r.items()})
 
 
 def results_row(topk: TopK, dataset: str, method: str, conf: dict, threshold: float, ns, positions=None,

@@ -17,14 +17,12 @@ fetches them, instead of a recall.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 
 from .assets import Asset, check_file, fetch, find_asset, load_registry, locate
 from .download import mirrored
-from .evaluate import evaluate_topk
-from .io import atomic_path
+from .evaluate import evaluate_topk, write_results
 from .topk import read_external_topk
 
 logger = logging.getLogger(__name__)
@@ -91,17 +89,6 @@ def _head(asset: Asset) -> dict:
     return {"query_set": asset.title or asset.name, "asset": asset.name, "file": asset.file}
 
 
-def write_table(path, rows: list[dict]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-
-
 def format_rows(rows: list[dict]) -> str:
     lines = []
     for r in rows:
@@ -127,7 +114,7 @@ def stage1_table(names: list[str] | None, out=None, fetch_missing: bool = False)
         path = fetch(asset) if fetch_missing else locate(asset)
         rows.append(not_here_row(asset) if path is None else reproduce(asset, path))
     if out is not None:
-        write_table(out, rows)
+        write_results(out, rows, float_format=None)  # the published digits, all of them
     print(format_rows(rows))
     bad = [r for r in rows if r["status"].startswith(DIFFERENT)]
     if bad:

@@ -101,14 +101,9 @@ def signals(topk: TopK, threshold: float = 25.0, positions=None, reranked: dict 
     ``reranked``: signal name -> re-ranked top-k file, whose scores of the top-1 become a signal."""
     if topk.k < 2:
         raise ValueError("uncertainty signals need at least 2 candidates per query")
-    d = descriptor_distances(topk)
-    out = {
-        "query": np.asarray(topk.query_names),
-        "top1_right": candidate_distances(topk, positions)[:, 0] <= threshold,
-        "l2": -d[:, 0],
-        "ratio": -d[:, 0] / np.maximum(d[:, 1], 1e-12),
-        "sue": -sue(topk, positions),
-    }
+    out = {"query": np.asarray(topk.query_names),
+           "top1_right": candidate_distances(topk, positions)[:, 0] <= threshold,
+           **{name: retrieval_confidence(topk, name, positions) for name in RETRIEVAL_SIGNALS}}
     for name, path in (reranked or {}).items():
         out[name] = top1_scores(topk, path)
     return out

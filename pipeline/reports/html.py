@@ -143,7 +143,8 @@ def uncertainty_block(topk_path: str, reranked: dict[str, str], out_dir: Path, t
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(topk_path).stem
-    sig = signals(read_topk(topk_path, made_here=True), threshold_m, positions, reranked)
+    retrieval = read_topk(topk_path, made_here=True)
+    sig = signals(retrieval, threshold_m, positions, reranked)
     files = {"signals": str(out_dir / f"{stem}_signals.csv"), "auc_pr": str(out_dir / f"{stem}_auc_pr.csv"),
              "plot": str(out_dir / f"{stem}_pr.png")}
     rows = write_tables(sig, files["signals"], files["auc_pr"], files["plot"], f"{stem}: is the top-1 right?")
@@ -158,7 +159,6 @@ def uncertainty_block(topk_path: str, reranked: dict[str, str], out_dir: Path, t
     block = (f"<h3>{e(stem)}</h3>{table}"
              + _figure(page_dir, files["plot"], caption, {"signals (CSV)": files["signals"],
                                                           "AUC-PR (CSV)": files["auc_pr"]}))
-    retrieval = read_topk(topk_path, made_here=True)
     for method, path in sorted(reranked.items()):  # risk-coverage: re-rank only the least confident queries
         rr = read_topk(path, made_here=True)
         curves = risk_coverage_table(sig, right_after(retrieval, rr, threshold_m, positions),
