@@ -87,9 +87,40 @@ def _unsafe_globals(path: str) -> list[str]:
         return []
 
 
+SAFETENSORS_MAGIC_END = b"{"
+
+
+def is_safetensors(path: str) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != SAFETENSORS_MAGIC_END:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= min(100_000_000, os.path.getsize(path) - 8)
+
+
+def read_safetensors(path: str, what: str) -> dict:
+    """A ``.safetensors`` file (MegaLoc's release): tensors only, nothing is unpickled."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:  # pragma: no cover - a dependency in pyproject.toml
+        raise ImportError(f"{what} {path} is a safetensors file: pip install safetensors") from err
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:
+        raise ValueError(f"{what} {path}: cannot be read as safetensors: {err}") from err
+
+
 def read_file(path: str, what: str):
     """``torch.load`` on the CPU, never unpickling more than :data:`SAFE_GLOBALS` unless the
-    model's conf says ``trust: true``."""
+    model's conf says ``trust: true``. A safetensors file (by its header, whatever its name)
+    is read with ``safetensors`` instead: it holds tensors only."""
+    if is_safetensors(path):
+        return read_safetensors(path, what)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
