@@ -23,6 +23,8 @@ GEM_P_NOISE = 0.05
 #: ~2e5 (ResNet-18 ~8e2) on ImageNet-normalised noise; at 0.7 it stays below ~60
 #: (ResNet-18 ~30), finite and well inside float32's comfortable range.
 DEFAULT_GAIN = 0.7
+#: std of every other floating tensor (class / register tokens, position embeddings, queries)
+OTHER_STD = 0.02
 
 
 def _norm_prefixes(keys) -> set[str]:
@@ -41,6 +43,9 @@ def seeded_state_dict(
       running_var: U(0.5, 1.5), num_batches_tracked: copied from ``template``
     * GeM exponent (a 1-element tensor named ``...p``): 3.0 + N(0, 0.05)
     * any other 1-d ``weight`` (affine norms without running stats): U(0.5, 1.5)
+    * LayerScale factors (a 1-d tensor named ``...gamma``): U(0.5, 1.5)
+    * any other floating tensor (tokens, position embeddings, learnt queries, scalars such as
+      an optimal-transport dust bin): N(0, 0.02), ViT's initialisation scale
 
     Keys are visited in sorted order with one ``np.random.default_rng(seed)``.
     """
@@ -70,8 +75,10 @@ def seeded_state_dict(
             arr = rng.uniform(0.5, 1.5, shape)
         elif leaf == "bias":
             arr = rng.normal(0.0, 0.1 if prefix in bn else 0.05, shape)
+        elif leaf == "gamma" and ref.dim() == 1:
+            arr = rng.uniform(0.5, 1.5, shape)
         else:
-            raise ValueError(f"seeded_state_dict: don't know how to fill {key!r} {shape}")
+            arr = rng.normal(0.0, OTHER_STD, shape)
         if not ref.is_floating_point():
             raise TypeError(f"{key}: expected a floating point tensor, got {ref.dtype}")
         out[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
