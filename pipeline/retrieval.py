@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from .args import json_arg
 from .global_store import GlobalStore
-from .index_plan import FLAT_MAX, NAMED, auto_nlist, choose_factory  # noqa: F401 - re-exported
+from .index_plan import FLAT_MAX, NAMED, auto_nlist, choose_factory, chunk_rows_for, train_size_for  # noqa: F401 - re-exported
 from .io import atomic_path, read_json, write_json
 from .topk import TopK, write_topk
 
@@ -217,6 +217,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
 def iter_chunks(sources, chunk_size: int = 100_000) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """``(source number, first row, normalised descriptors, valid)`` chunk by chunk over all sources."""
     for si, s in enumerate(sources):
+        chunk_size = chunk_rows_for(chunk_size, s.dim)
         for start in range(0, len(s), chunk_size):
             d, v = s.read(start, start + chunk_size)
             yield si, start, normalize(d), v
@@ -307,14 +308,15 @@ def make_index(sources, factory: str, train_size: int = 200_000, seed: int = 0, 
         _ivf(idx).do_polysemous_training = False  # the factory turns it on: slow (minutes), and unused here
     work, on_gpu = to_device(idx, use_gpu)
     if not idx.is_trained:
-        sample = training_sample(sources, train_size, seed)
+        sample = training_sample(sources, train_size_for(train_size, dim), seed)
         logger.info("training %s on %d vectors", factory, len(sample))
         work.train(sample)
         del sample
     t1 = time.perf_counter()
     valid = [np.zeros(len(s), bool) for s in sources]
     for si, start, d, v in tqdm(iter_chunks(sources, chunk_size), desc="index chunks", mininterval=2,
-                                total=sum(-(-len(s) // chunk_size) for s in sources), disable=not progress):
+                                total=sum(-(-len(s) // chunk_rows_for(chunk_size, s.dim)) for s in sources),
+                                disable=not progress):
         work.add(np.ascontiguousarray(d[v]))
         valid[si][start : start + len(v)] = v
     if on_gpu:
@@ -325,7 +327,7 @@ def make_index(sources, factory: str, train_size: int = 200_000, seed: int = 0, 
 
 def build_index(db_stores, out: str | Path, index: str = "auto", train_size: int = 200_000, seed: int = 0,
                 nlist: int | None = None, m: int | None = None, nbits: int = 8, chunk_size: int = 100_000,
-                use_gpu="auto") -> dict:
+                use_gpu="auto", pca="auto") -> dict:
     """Build a FAISS index over the valid vectors of the database (see the module doc).
 
     ``db_stores``: the gathered database store, or several stores read as one in
@@ -336,7 +338,7 @@ def build_index(db_stores, out: str | Path, index: str = "auto", train_size: int
     """
     db = ConcatSource(db_stores)
     n_total, dim = len(db), db.dim
-    factory = choose_factory(n_total, dim, index, nlist, m, nbits)
+    factory = choose_factory(n_total, dim, index, nlist, m, nbits, pca)
     logger.info("database: %d images of %d-d descriptors -> index %r", n_total, dim, factory)
     if factory == "sharded":
         valid, metric, idx = db.read_valid(), "ip", None
@@ -418,7 +420,7 @@ def sharded_search(db_stores, queries: np.ndarray, k: int, chunk_size: int = 100
     q = normalize(queries)
     Ds, Is = [], []
     for a in range(0, len(q), query_batch):
-        n_chunks = sum(-(-len(s) // chunk_size) for s in stores)
+        n_chunks = sum(-(-len(s) // chunk_rows_for(chunk_size, s.dim)) for s in stores)
         chunks = tqdm(_valid_chunks(stores, chunk_size), total=n_chunks, desc="sharded search", disable=not progress)
         D, I = search_chunks(q[a : a + query_batch], chunks, k)
         Ds.append(D)
@@ -450,8 +452,8 @@ def rescore_exact(db, queries: np.ndarray, rows: np.ndarray, k: int, pair_batch:
         end = int(np.searchsorted(sorted_rows, c0 + step))
         x, v = db.read(c0, c0 + step)
         x = normalize(x)
-        for a in range(start, end, pair_batch):
-            sel = order[a : min(end, a + pair_batch)]
+        for a in range(start, end, chunk_rows_for(pair_batch, x.shape[1])):
+            sel = order[a : min(end, a + chunk_rows_for(pair_batch, x.shape[1]))]
             r = flat[sel] - c0
             s = np.einsum("ij,ij->i", q[sel // kk], x[r])
             sims[sel] = np.where(v[r], s, -np.inf)
@@ -548,14 +550,21 @@ def _build_arguments(p):
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n))")
     p.add_argument("--m", type=int, default=None, help="PQ sub-quantizers (default dim / 8)")
     p.add_argument("--nbits", type=int, default=8)
-    p.add_argument("--train-size", type=int, default=200_000)
+    p.add_argument("--train-size", type=int, default=200_000,
+                   help="training sample of IVF indexes (capped at 1.6 GB of float32: index_plan.TRAIN_MAX_BYTES)")
+    p.add_argument("--pca", type=_pca_arg, default="auto",
+                   help="IVF-PQ: reduce descriptors by PCA first (auto: to 1024-d above 4096-d; none; or a size)")
     p.add_argument("--chunk-size", type=int, default=100_000, help="descriptors read and added at a time")
     p.add_argument("--gpu", choices=["auto", "never"], default="auto")
 
 
+def _pca_arg(text: str):
+    return text if text in ("auto", "none") else int(text)
+
+
 def _build(a):
     build_index(a.stores, a.out, a.index, train_size=a.train_size, nlist=a.nlist, m=a.m, nbits=a.nbits,
-                chunk_size=a.chunk_size, use_gpu="auto" if a.gpu == "auto" else False)
+                chunk_size=a.chunk_size, use_gpu="auto" if a.gpu == "auto" else False, pca=a.pca)
 
 
 def _search_arguments(p):

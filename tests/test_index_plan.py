@@ -64,3 +64,63 @@ def test_gpu_and_runtime_requests_reach_the_jobs(tmp_path):
     assert "runtime=120" in jobs["fit_global"] and "mem_mb=8000" in jobs["fit_global"]
     assert "gpu=" not in jobs["index_dataset"]  # CPU rules ask for no GPU
     assert "gpu=0" in resources()["fit_global"]  # default: none (the SLURM plugin then adds no --gpus)
+
+
+def test_big_descriptors_are_planned_within_memory():
+    """MegaLoc / SALAD (8448-d) and BoQ (16384-d) at SF-XL scale: a PCA-reduced IVF-PQ index,
+    and every buffer (training sample, chunks, re-scoring batch) capped in bytes, not rows."""
+    from pipeline.index_plan import FLAT_MAX_BYTES, chunk_rows_for, pca_dim, train_size_for
+
+    # flat stays exact while the float32 descriptors fit 8 GB: 1 M x 512-d, not 1 M x 8448-d
+    assert choose_factory(1_000_000, 512) == "Flat"
+    assert choose_factory(236_000, 8448) == "Flat" and 4 * 236_000 * 8448 <= FLAT_MAX_BYTES
+    assert choose_factory(300_000, 8448) == "PCAR1024,IVF2048,PQ128x8"
+    assert choose_factory(2_800_000, 16384) == "PCAR1024,IVF8192,PQ128x8"
+    assert choose_factory(2_800_000, 4096) == "IVF8192,PQ512x8"  # up to 4096-d: no PCA
+    assert choose_factory(2_800_000, 8448, pca="none") == "IVF8192,PQ1056x8"
+    assert choose_factory(2_800_000, 8448, "ivfpq", m=64, pca=512) == "PCAR512,IVF8192,PQ64x8"
+    with pytest.raises(ValueError, match="after PCA from 8448"):
+        choose_factory(2_800_000, 8448, "ivfpq", m=100)
+    with pytest.raises(ValueError, match="below the descriptor"):
+        pca_dim(512, 1024)
+    # the index holds 128 bytes a vector, the PCA matrix 35 MB
+    f = choose_factory(2_800_000, 8448)
+    assert index_bytes(f, 2_800_000, 8448) == pytest.approx(
+        2_800_000 * (128 + 8) + 8192 * 1024 * 4 + 8449 * 1024 * 4)
+    # buffers in bytes: 200 k x 512-d samples but 48 k x 8448-d; chunks of 8192 rows of 8448-d
+    assert train_size_for(200_000, 512) == 200_000 and train_size_for(200_000, 8448) == 48_484
+    assert chunk_rows_for(100_000, 512) == 100_000 and chunk_rows_for(100_000, 8448) == 8192
+    for dim in (512, 2048, 4096, 8448, 12288, 16384):  # every released descriptor fits 16 GB at SF-XL scale
+        assert memory_mb("build", 2_800_000, dim) < 16_000 and memory_mb("search", 2_800_000, dim, rescore=4,
+                                                                         n_queries=1000) < 16_000, dim
+
+
+def test_pca_index_with_rescoring_finds_the_exact_neighbours(tmp_path):
+    """A PCA-reduced IVF-PQ index (as big descriptors get) built and searched through the
+    pipeline's functions: re-scoring with the exact descriptors restores the exact top-1."""
+    import numpy as np
+
+    from pipeline.retrieval import build_index, search
+    from pipeline.topk import read_topk
+
+    from .test_retrieval_index import brute_force, clustered, unit, write_store
+
+    x = clustered(3000, 96, 60, 0.6, 3)
+    rng = np.random.default_rng(4)
+    qi = rng.choice(len(x), 40, replace=False)
+    q = unit(x[qi] + 0.05 * rng.standard_normal((40, 96)))
+    write_store(tmp_path / "db.zarr", x)
+    write_store(tmp_path / "q.zarr", q, prefix="q")
+    info = build_index([tmp_path / "db.zarr"], tmp_path / "faiss.index", "ivfpq", nlist=16, m=8, pca=32,
+                       train_size=3000)
+    assert info["factory"] == "PCAR32,IVF16,PQ8x8"
+    _, J = brute_force(q, x, 10)
+    hits = {}
+    for rescore in (0, 4):
+        out = tmp_path / f"top_{rescore}.h5"
+        search(tmp_path / "faiss.index", tmp_path / "q.zarr", out, k=10, nprobe=16,
+               database=[str(tmp_path / "db.zarr")], rescore=rescore)
+        top1 = read_topk(out).candidate_index[:, 0]
+        hits[rescore] = np.mean(top1 == J[:, 0])
+    assert hits[4] == 1.0, hits  # the exact descriptors decide the order
+    assert hits[0] < 1.0, hits   # PCA to 32-d + 8-byte codes alone do not (else the check is vacuous)

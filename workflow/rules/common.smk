@@ -138,7 +138,7 @@ def index_mem_mb(w, stage):
     dim = global_model_class(model["name"]).descriptor_size(model)
     return memory_mb(stage, table_size(w.dataset), dim, r["index"],
                      r["k"], r["nlist"], r["m"], r["nbits"], r["train_size"], r["chunk_size"], r["rescore"],
-                     table_size(w.dataset, "queries") or 100_000)
+                     table_size(w.dataset, "queries") or 100_000, r["pca"])
 
 
 def available(dataset, method):

@@ -126,7 +126,7 @@ rule build_index:
         index=config["retrieval"]["index"],
         options=" ".join(
             f"--{k.replace('_', '-')} {config['retrieval'][k]}"
-            for k in ("nlist", "m", "nbits", "train_size", "chunk_size", "gpu") if config["retrieval"].get(k) is not None
+            for k in ("nlist", "m", "nbits", "train_size", "chunk_size", "gpu", "pca") if config["retrieval"].get(k) is not None
         ),
     log:
         log_file("faiss_{dataset}_{gmethod}"),
