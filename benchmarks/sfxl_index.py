@@ -51,6 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.index_plan import chunk_rows_for, index_bytes
 from pipeline.retrieval import (
     auto_nlist,
     choose_factory,
@@ -95,8 +96,15 @@ class NpyRows:
 
     def read(self, start=0, stop=None):
         stop = min(len(self), len(self) if stop is None else stop)
-        buf = os.pread(self.fd, (stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
-        d = np.frombuffer(buf, np.float32).reshape(stop - start, self.dim)
+        size, pos, parts = (stop - start) * self.row_bytes, self.offset + start * self.row_bytes, []
+        while size > 0:  # one pread returns at most ~2 GB
+            part = os.pread(self.fd, min(size, 1 << 30), pos)
+            if not part:
+                raise EOFError(f"{self.path}: short read at byte {pos}")
+            parts.append(part)
+            size -= len(part)
+            pos += len(part)
+        d = np.frombuffer(b"".join(parts), np.float32).reshape(stop - start, self.dim)
         return d, np.ones(len(d), bool)
 
     def read_rows(self, rows):
@@ -262,7 +270,9 @@ def main(argv=None):
     p.add_argument("--spread", type=float, default=0.8, help="cluster noise norm (cluster centres have norm 1)")
     p.add_argument("--query-noise", type=float, default=0.6, help="query noise norm around its database point")
     p.add_argument("--nlist", type=int, default=None, help="default: ~4 sqrt(n), as index: auto")
-    p.add_argument("--m", type=int, default=64, help="PQ sub-quantizers (bytes a vector at 8 bits)")
+    p.add_argument("--m", type=int, default=None, help="PQ sub-quantizers (bytes a vector at 8 bits; default: "
+                   "the plan's, 64 for 512-d, 128 after PCA to 1024-d)")
+    p.add_argument("--pca", default="auto", help="PCA before IVF-PQ: auto (1024-d above 4096-d), none, or a size")
     p.add_argument("--nbits", type=int, default=8)
     p.add_argument("--nprobe", default="16,32,64", help="comma-separated")
     p.add_argument("--train-size", type=int, default=None, help="default: 40 * nlist, at most 300000")
@@ -276,6 +286,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("work/bench_sfxl"))
     a = p.parse_args(argv)
+    a.chunk = chunk_rows_for(a.chunk, a.dim)  # rows of big descriptors: capped in bytes, as the pipeline's
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.threads:
         faiss.omp_set_num_threads(a.threads)
@@ -306,12 +317,13 @@ def main(argv=None):
         np.savez(exact_file, S=S, I=J, k=a.k)
         stage("exact search (sharded flat IP)", time.perf_counter() - t, f"{len(q)} queries, chunks of {a.chunk}")
 
-    factory = choose_factory(a.n, a.dim, "ivfpq", nlist=nlist, m=a.m, nbits=a.nbits)
+    pca = a.pca if a.pca in ("auto", "none") else int(a.pca)
+    factory = choose_factory(a.n, a.dim, "ivfpq", nlist=nlist, m=a.m, nbits=a.nbits, pca=pca)
     timings = {}
     t = time.perf_counter()
     idx, _ = make_index([db], factory, train_size=train_size, seed=a.seed, chunk_size=a.chunk, timings=timings)
     stage(f"IVF-PQ train ({factory}, {train_size} vectors)", timings["train_s"], "GPU" if timings["gpu"] else "CPU")
-    stage("IVF-PQ add (chunks)", timings["add_s"], f"codes {idx.ntotal * a.m * a.nbits / 8 / 1e6:.0f} MB")
+    stage("IVF-PQ add (chunks)", timings["add_s"], f"codes {index_bytes(factory, idx.ntotal, a.dim) / 1e6:.0f} MB")
     results = []
     ivf = faiss.extract_index_ivf(idx)
     for nprobe in [int(v) for v in a.nprobe.split(",")]:

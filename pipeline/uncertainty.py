@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import _positions, candidate_distances
+from .args import json_arg
 from .io import atomic_path
 from .topk import TopK, read_extra, read_topk
 
@@ -249,6 +250,9 @@ def plot_risk_coverage(table, out, title: str = "") -> None:
 
 #: the signals a gate can use before stage 2 (the retrieval's own; no matching)
 RETRIEVAL_SIGNALS = ("l2", "ratio", "sue")
+#: the re-ranking method's own score of the top-1 pair (RANSAC inliers, ...): one pair per query
+PROBE_SIGNAL = "inliers"
+GATE_SIGNALS = RETRIEVAL_SIGNALS + (PROBE_SIGNAL,)
 
 
 def retrieval_confidence(topk: TopK, signal: str, positions=None) -> np.ndarray:
@@ -258,6 +262,19 @@ def retrieval_confidence(topk: TopK, signal: str, positions=None) -> np.ndarray:
     d = descriptor_distances(topk)
     return {"l2": lambda: -d[:, 0], "ratio": lambda: -d[:, 0] / np.maximum(d[:, 1], 1e-12),
             "sue": lambda: -sue(topk, positions)}[signal]()
+
+
+def gate_confidence(topk: TopK, signal: str, positions=None, probe: dict | None = None, workdir=None) -> np.ndarray:
+    """Per query, the confidence a gate thresholds: a retrieval signal, or ``inliers``."""
+    if signal == PROBE_SIGNAL:
+        if probe is None:
+            raise ValueError("the inliers signal needs the method's probe (features, matcher, scorer, stores)")
+        from .gate_probe import probe_top1
+
+        return probe_top1(topk, probe, workdir)[0]
+    if probe is not None:
+        raise ValueError(f"signal {signal!r} is read from the retrieval list: it takes no probe")
+    return retrieval_confidence(topk, signal, positions)
 
 
 def fit_logistic(confidence, right, iters: int = 100, l2: float = 1e-6) -> tuple[float, float]:
@@ -283,11 +300,18 @@ def fit_logistic(confidence, right, iters: int = 100, l2: float = 1e-6) -> tuple
     return float(w[0] - b * mu), float(b)
 
 
-def gate_fit(topk: TopK, signal: str, p_right: float = 0.5, threshold_m: float = 25.0, positions=None) -> dict:
+def gate_fit(topk: TopK, signal: str, p_right: float = 0.5, threshold_m: float = 25.0, positions=None,
+             probe: dict | None = None, workdir=None) -> dict:
     """A gate threshold learnt on one dataset: the logistic model of "the top-1 is right"
     given the signal, and the signal value where P(right) = ``p_right`` (queries below it are
-    re-ranked). The record is applied to other datasets unchanged."""
-    conf = retrieval_confidence(topk, signal, positions)
+    re-ranked). The record is applied to other datasets unchanged. ``inliers`` probes every
+    query's top-1 pair on that dataset (``probe``, :func:`gate_confidence`)."""
+    conf = gate_confidence(topk, signal, positions, probe, workdir)
+    if not np.isfinite(conf).all():  # unscorable pairs (unreadable images): left out of the fit
+        keep = np.isfinite(conf)
+        topk = TopK([topk.query_names[i] for i in np.flatnonzero(keep)], topk.candidate_names[keep],
+                    topk.candidate_index[keep], topk.distances[keep], topk.meta)
+        conf = conf[keep]
     right = candidate_distances(topk, positions)[:, 0] <= threshold_m
     a, b = fit_logistic(conf, right)
     if b <= 0:
@@ -299,14 +323,17 @@ def gate_fit(topk: TopK, signal: str, p_right: float = 0.5, threshold_m: float =
             "fraction_reranked_here": float(np.mean(conf < threshold))}
 
 
-def gate_topk(topk: TopK, signal: str, threshold: float, positions=None) -> tuple[TopK, dict]:
+def gate_topk(topk: TopK, signal: str, threshold: float, positions=None, probe: dict | None = None,
+              workdir=None) -> tuple[TopK, dict]:
     """The queries a gate re-ranks: those whose confidence (``signal``, higher = surer) is
     below ``threshold``, as a top-k file of those queries only (same order, same lists), and
-    what was decided. ``threshold: inf`` re-ranks every query, ``-inf`` none."""
+    what was decided. ``threshold: inf`` re-ranks every query, ``-inf`` none.
+    ``signal: inliers`` scores each query's top-1 with the method's own stage 2 (``probe``:
+    :mod:`pipeline.gate_probe`), whose features and matches stage 2 then reuses."""
     import time
 
     t0 = time.perf_counter()
-    conf = retrieval_confidence(topk, signal, positions)
+    conf = gate_confidence(topk, signal, positions, probe, workdir)
     keep = np.flatnonzero(conf < threshold)
     gated = TopK([topk.query_names[i] for i in keep], topk.candidate_names[keep], topk.candidate_index[keep],
                  topk.distances[keep], {**topk.meta})
@@ -328,14 +355,24 @@ def _index_positions(index_dir):
 INDEX_HELP = "the dataset's index folder: positions from its tables (datasets with a positions CSV)"
 
 
+PROBE_HELP = ("signal inliers: the method's stage 2 as JSON {features, matcher, scorer: confs; root; feature_base, "
+              "pair_base: the dataset's stores; index_dir}; its top-1 pairs are matched into those stores")
+
+
+def _probe_args(p):
+    p.add_argument("--probe", type=json_arg, default=None, help=PROBE_HELP)
+    p.add_argument("--workdir", default=None, help="folder for the probe's temporary files (default: the system's)")
+
+
 def _gate_arguments(p):
     p.add_argument("--topk", required=True, help="the retrieval's top-k file")
-    p.add_argument("--signal", required=True, choices=RETRIEVAL_SIGNALS)
+    p.add_argument("--signal", required=True, choices=GATE_SIGNALS)
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--threshold", type=float, help="re-rank queries whose confidence is below this")
     how.add_argument("--fit", help="a gate-fit record (JSON): its threshold, learnt on another dataset")
     p.add_argument("--out", required=True, help="top-k file of the queries to re-rank")
     p.add_argument("--index-dir", default=None, help=INDEX_HELP)
+    _probe_args(p)
 
 
 def _gate(a):
@@ -348,20 +385,22 @@ def _gate(a):
         if fit.get("signal") != a.signal:
             raise ValueError(f"{a.fit}: fitted for signal {fit.get('signal')!r}, not {a.signal!r}")
         threshold = float(fit["threshold"])
-    gated, info = gate_topk(read_topk(a.topk, made_here=True), a.signal, threshold, _index_positions(a.index_dir))
+    gated, info = gate_topk(read_topk(a.topk, made_here=True), a.signal, threshold, _index_positions(a.index_dir),
+                            a.probe, a.workdir)
     write_topk(a.out, gated)
-    logger.info("gate %s < %g: %d of %d queries to re-rank (%.1f%%)", a.signal, a.threshold, info["n_reranked"],
-                info["n_queries"], 100 * info["fraction_reranked"])
+    logger.info("gate %s < %g: %d of %d queries to re-rank (%.1f%%) in %.2f s", a.signal, threshold,
+                info["n_reranked"], info["n_queries"], 100 * info["fraction_reranked"], info["seconds"])
 
 
 def _fit_arguments(p):
     p.add_argument("--topk", required=True, help="the retrieval's top-k file on the dataset to learn from")
-    p.add_argument("--signal", required=True, choices=RETRIEVAL_SIGNALS)
+    p.add_argument("--signal", required=True, choices=GATE_SIGNALS)
     p.add_argument("--p-right", type=float, default=0.5,
                    help="re-rank queries whose predicted probability of a right top-1 is below this")
     p.add_argument("--threshold-m", type=float, default=25.0)
     p.add_argument("--out", required=True, help="the fit (JSON)")
     p.add_argument("--index-dir", default=None, help=INDEX_HELP)
+    _probe_args(p)
 
 
 def _fit(a):
@@ -370,7 +409,7 @@ def _fit(a):
     if not 0 < a.p_right < 1:
         raise ValueError(f"--p-right {a.p_right}: a probability strictly between 0 and 1")
     fit = gate_fit(read_topk(a.topk, made_here=True), a.signal, a.p_right, a.threshold_m,
-                   _index_positions(a.index_dir))
+                   _index_positions(a.index_dir), a.probe, a.workdir)
     write_json(a.out, {**fit, "fitted_on": str(a.topk)})
     logger.info("gate fit on %s: P(right) = sigmoid(%.3g + %.3g x %s); threshold %.4g (re-ranks %.0f%% there)",
                 a.topk, fit["a"], fit["b"], a.signal, fit["threshold"], 100 * fit["fraction_reranked_here"])

@@ -29,7 +29,7 @@ LAYERS = {  # module or package prefix -> layer
     "models": ["global_features", "local_features", "matchers", "scorers"],
     "stores": ["local_store", "match_store", "config"],
     "stages": ["datasets.index", "datasets.synthetic", "extract_global", "gather", "retrieval", "extract_local",
-               "rerank", "evaluate", "uncertainty", "random_weights", "weights", "published", "nightset"],
+               "rerank", "evaluate", "gate_probe", "uncertainty", "random_weights", "weights", "published", "nightset"],
     "reports": ["reports"],
     "cli": ["cli", "__main__"],
 }

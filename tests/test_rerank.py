@@ -251,3 +251,52 @@ def test_gate_limits_every_query_is_todays_reranking_none_is_retrieval(prepared)
     assert info["n_reranked"] == sent.sum() > 0 and out.meta["fraction_reranked"] == pytest.approx(sent.mean())
     np.testing.assert_array_equal(out.candidate_names[sent], today.candidate_names[sent])
     np.testing.assert_array_equal(out.candidate_names[~sent], full.candidate_names[~sent])
+
+
+def test_inliers_gate_probes_the_top1_pair_and_stage_2_reuses_it(prepared):
+    """The `inliers` signal: the method's own stage 2 on each query's top-1 pair only. Queries
+    whose top-1 is right (many inliers) are not re-ranked; the features and matches of the
+    probe are in the shared stores, so stage 2 extracts and matches only what it lacks."""
+    import math
+
+    from pipeline.gate_probe import probe_top1
+    from pipeline.uncertainty import gate_fit, gate_topk
+
+    root, tmp = prepared
+    base = read_topk(tmp / "topk.h5")  # the true database image is last for every query
+    right_first = np.arange(len(base)) % 2 == 0  # ... and first for queries 0, 2
+    names = base.candidate_names.copy()
+    names[right_first] = names[right_first][:, ::-1]
+    topk = TopK(base.query_names, names, base.candidate_index, base.distances)
+    write_topk(tmp / "mixed.h5", topk)
+    probe = {"features": SIFT, "matcher": {"name": "mnn", "ratio": 0.9}, "scorer": {"name": "ransac", "threshold": 8},
+             "root": str(root), "feature_base": str(tmp / "local"), "pair_base": str(tmp / "pairs"),
+             "index_dir": str(tmp / "index"), "device": "cpu"}
+    conf, info = probe_top1(topk, probe)
+    assert info["pairs"] == len(topk) and conf.shape == (len(topk),)
+    # a right top-1 (a darker copy of the query) has many inliers, a wrong one few
+    assert conf[right_first].min() > 3 * max(conf[~right_first].max(), 1), conf
+    threshold = float(conf[~right_first].max()) + 1
+    gated, ginfo = gate_topk(topk, "inliers", threshold, probe=probe)
+    assert list(gated.query_names) == list(np.asarray(topk.query_names)[~right_first])
+    assert ginfo["n_reranked"] == (~right_first).sum() and ginfo["seconds"] > 0
+    assert gate_topk(topk, "inliers", math.inf, probe=probe)[1]["n_reranked"] == len(topk)
+    # stage 2 of the gated queries: the probed images and pairs are not extracted or matched again
+    write_topk(tmp / "gated.h5", gated)
+    needed = rr.needed_images([(tmp / "gated.h5", 4)])
+    info = extract_local(SIFT, root, needed, tmp / "local", device="cpu")
+    probed = set(topk.query_names) | set(topk.candidate_names[:, 0])
+    assert info["extracted_this_run"] == len(set(needed) - probed) < len(needed)
+    write_json(tmp / "feat.json", info)
+    m = rr.match_topk(tmp / "feat.json", probe["matcher"], tmp / "gated.h5", 4, tmp / "m.h5", device="cpu",
+                      store_base=tmp / "pairs")
+    assert m["pairs_reused"] == len(gated) and m["pairs_matched_this_run"] == 3 * len(gated), m
+    # a fitted threshold on the inliers: the right top-1s are predicted right (5 m: the
+    # database is 10 m apart, only the true image is right)
+    fit = gate_fit(topk, "inliers", threshold_m=5.0, probe=probe)
+    assert fit["signal"] == "inliers" and fit["b"] > 0
+    assert conf[~right_first].max() < fit["threshold"] < conf[right_first].min()
+    with pytest.raises(ValueError, match="needs the method's probe"):
+        gate_topk(topk, "inliers", 1.0)
+    with pytest.raises(ValueError, match="takes no probe"):
+        gate_topk(topk, "l2", 1.0, probe=probe)

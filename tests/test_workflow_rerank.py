@@ -237,13 +237,22 @@ def test_a_gate_sends_only_uncertain_queries_to_stage2(project):
     retrieval = read_topk(wd / "work" / "syn" / "topk" / "vlad_sift.h5")
     median = float(np.median(-np.sqrt(retrieval.distances[:, 0])))
     for name, gate in (("gated_none", {"threshold": -math.inf}), ("gated_half", {"threshold": median}),
-                       ("gated_fit", {"fit": {"dataset": "syn", "p_right": 0.5}})):
+                       ("gated_fit", {"fit": {"dataset": "syn", "p_right": 0.5}}),
+                       ("gated_inliers", {"signal": "inliers", "threshold": 20})):
         cfg["rerank_methods"][name] = {**cfg["rerank_methods"]["sift_ransac"], "gate": {"signal": "l2", **gate}}
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
-    targets = [f"results/syn/{m}.csv" for m in ("gated_none", "gated_half", "gated_fit")]
+    targets = [f"results/syn/{m}.csv" for m in ("gated_none", "gated_half", "gated_fit", "gated_inliers")]
     code, out = snakemake(wd, *targets)
     assert code == 0, out
-    assert job_counts(out)["gate"] == 3 and job_counts(out)["gate_fit"] == 1
+    assert job_counts(out)["gate"] == 4 and job_counts(out)["gate_fit"] == 1
+    # the inliers gate: the method's own RANSAC inliers with each query's top-1 (one pair per
+    # query, from the shared stores), the same numbers the full re-ranking gave that pair
+    from pipeline.uncertainty import top1_scores
+
+    inliers = top1_scores(retrieval, wd / "work" / "syn" / "rerank" / "sift_ransac.h5")
+    gated = pd.read_csv(wd / "results" / "syn" / "gated_inliers.csv").iloc[1]
+    assert gated.gate == "inliers < 20"
+    assert gated.fraction_reranked == pytest.approx(np.mean(inliers < 20), abs=0.01)
     # a learnt threshold: the logistic model fitted on the dataset's retrieval decides
     fit = json.loads((wd / "work" / "syn" / "gate_fit" / "gated_fit.json").read_text())
     fitted = pd.read_csv(wd / "results" / "syn" / "gated_fit.csv").iloc[1]

@@ -427,7 +427,37 @@ def gate_inputs(w):
     m = GATES[w.gmethod]
     fit = RERANK[m]["gate"].get("fit")
     return {"topk": topk_file(w.dataset, RERANK[m]["retrieval"]),
-            "fit": [gate_fit_file(fit["dataset"], m)] if fit else []}
+            "fit": [gate_fit_file(fit["dataset"], m)] if fit else [],
+            **probe_inputs(w.dataset, m)}
+
+
+def probes(method):
+    """Whether a gated method's signal is its own score of the top-1 pair (``inliers``)."""
+    return (RERANK[method].get("gate") or {}).get("signal") == "inliers"
+
+
+def probe_inputs(dataset, method):
+    """What the inliers probe reads besides the retrieval list: the dataset's index (names) and
+    the method's weights (random checkpoints made here, registered files fetched)."""
+    if not probes(method):
+        return {}
+    c = RERANK[method]
+    confs = [MATCHERS[c["matcher"]]] + ([LOCAL[c["features"]]] if c["features"] else [])
+    return {"index": index_summary_file(dataset),
+            "probe_weights": [p for conf in confs for p in random_weights(conf) + fetched_weights(conf)]}
+
+
+def probe_arg(dataset, method):
+    """--probe JSON of the inliers gate: the method's stage 2 confs and the dataset's shared
+    stores, so its top-1 features and matches are reused by extract_local and match."""
+    if not probes(method):
+        return ""
+    c = RERANK[method]
+    probe = {"features": LOCAL[c["features"]] if c["features"] else None,
+             "feature_base": features_base(dataset) if c["features"] else None,
+             "matcher": MATCHERS[c["matcher"]], "scorer": config["scorers"][c["scorer"]],
+             "root": DATASETS[dataset]["root"], "pair_base": pair_stores(dataset), "index_dir": index_dir(dataset)}
+    return f"--probe {shlex.quote(json.dumps(probe, sort_keys=True))} --workdir {shlex.quote(WORK)}"
 
 
 def positions_index_arg(dataset):

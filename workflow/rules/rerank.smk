@@ -95,7 +95,8 @@ rule gate_fit:
     """A gate threshold learnt on one dataset: the logistic model of a right top-1 given the
     signal, on this method's retrieval there (applied to every dataset the method runs on)."""
     input:
-        lambda w: topk_file(w.dataset, RERANK[w.method]["retrieval"]),
+        topk=lambda w: topk_file(w.dataset, RERANK[w.method]["retrieval"]),
+        probe=lambda w: list(probe_inputs(w.dataset, w.method).values()),
     output:
         gate_fit_file("{dataset}", "{method}"),
     wildcard_constraints:
@@ -106,13 +107,16 @@ rule gate_fit:
         p_right=lambda w: RERANK[w.method]["gate"]["fit"]["p_right"],
         threshold=config["evaluation"]["threshold_m"],
         index=lambda w: positions_index_arg(w.dataset),
+        probe=lambda w: probe_arg(w.dataset, w.method),
     log:
         log_file("gate_fit_{dataset}_{method}"),
+    resources:
+        gpu=lambda w: GPUS if probes(w.method) else 0,
     conda:
         CONDA_ENV
     shell:
-        "{params.py} gate-fit --topk {input:q} --signal {params.signal} --p-right {params.p_right}"
-        " --threshold-m {params.threshold} {params.index} --out {output:q} 2> {log:q}"
+        "{params.py} gate-fit --topk {input.topk:q} --signal {params.signal} --p-right {params.p_right}"
+        " --threshold-m {params.threshold} {params.index} {params.probe} --out {output:q} 2> {log:q}"
 
 
 rule gate:
@@ -129,12 +133,16 @@ rule gate:
         signal=lambda w: RERANK[GATES[w.gmethod]]["gate"]["signal"],
         how=gate_arg,
         index=lambda w: positions_index_arg(w.dataset),
+        probe=lambda w: probe_arg(w.dataset, GATES[w.gmethod]),
     log:
         log_file("gate_{dataset}_{gmethod}"),
+    resources:
+        gpu=lambda w: GPUS if probes(GATES[w.gmethod]) else 0,  # the inliers probe extracts and matches
     conda:
         CONDA_ENV
     shell:
-        "{params.py} gate --topk {input.topk:q} --signal {params.signal} {params.how} {params.index} --out {output:q}"
+        "{params.py} gate --topk {input.topk:q} --signal {params.signal} {params.how} {params.index} {params.probe}"
+        " --out {output:q}"
         " 2> {log:q}"
 
 
