@@ -4,7 +4,9 @@ An entry of ``pipeline/assets.yaml`` with ``published`` (the thesis's seven stag
 files: CosPlace ResNet-50, top-100) carries the Recall@N its authors printed for it, the
 threshold and the query count. :func:`reproduce` evaluates the file with this project's
 evaluation and puts the two side by side; the table is ``results/thesis/stage1.csv``
-(rule ``published_stage1``) or ``python -m pipeline published-recalls``.
+(rule ``published_stage1``) or ``python -m pipeline published-recalls``. Each row also gives
+the AUC-PR with which each retrieval confidence signal (l2, ratio, SUE:
+:mod:`pipeline.uncertainty`) predicts a right top-1 on that real query set.
 
 A difference is an error. The published recalls were printed by numpy (``[26.31578947
 38.15789474 ...]``): a value is reproduced when it is within half a unit of the last
@@ -24,6 +26,7 @@ from .assets import Asset, check_file, fetch, find_asset, load_registry, locate
 from .download import mirrored
 from .evaluate import evaluate_topk, write_results
 from .topk import read_external_topk
+from .uncertainty import signals, summary_rows
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,12 @@ def reproduce(asset: Asset, path) -> dict:
         row[f"R@{n}_published"] = value
         worst = max(worst, abs(ours[f"R@{n}"] - value)) if not math.isnan(ours[f"R@{n}"]) else math.inf
     same_count = pub.get("n_queries") in (None, len(topk))
+    # real photos, real retrieval: how well each retrieval signal predicts a right top-1
+    # (SUE's AUC-PR; chance is the share of right top-1s)
+    if topk.k >= 2:
+        for r in summary_rows(signals(topk, threshold)):
+            row[f"AUC-PR_{r['signal']}"] = f"{r['auc_pr']:.3f}"
+        row["top1_right_pct"] = f"{r['top1_right_pct']:.2f}"
     row.update({"max_difference": f"{worst:.2e}", "tolerance": f"{tolerance:.0e}",
                 "status": REPRODUCED if worst <= tolerance + 1e-12 and same_count else DIFFERENT,
                 "sha256": check_file(asset, path)[:12] if path.is_file() else ""})
