@@ -77,7 +77,7 @@ def main():
         model = load_model(conf, fit, dev)
 
         # forward only, on decoded 8-bit images already in memory (same batches as the pipeline)
-        cache = {n: load_uint8(root / n, conf.get("resize")) for n in set(names)}
+        cache = {n: load_uint8(root / n, model.conf.get("resize")) for n in set(names)}
         tensors = [cache[n] for n in names]
         batches = [torch.stack(tensors[i : i + a.batch_size]) for i in range(0, len(tensors), a.batch_size)]
         with torch.inference_mode(), autocast_context(a.autocast, dev):

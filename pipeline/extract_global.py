@@ -144,7 +144,8 @@ def extract_global(
     errors: dict[str, str] = json.loads((progress / "errors.json").read_text()) if (progress / "errors.json").exists() else {}
     todo_idx = [i for c in todo for i in range(c * chunk_size, min(n, (c + 1) * chunk_size))]
     loader = image_loader(
-        root, [names[i] for i in todo_idx], model_conf.get("resize"), batch_size, num_workers,
+        # the model's own test resolution unless the conf sets one (model.conf: defaults filled in)
+        root, [names[i] for i in todo_idx], model.conf.get("resize"), batch_size, num_workers,
         pin_memory=dev.type == "cuda",
     )
     # the buffer holds the current chunk plus the start of the next (a batch can straddle them)
@@ -212,7 +213,7 @@ def fit_global(
     rows = np.unique(np.linspace(0, len(df) - 1, n_fit).round().astype(int))
     names = df.name.values[rows].tolist()
     logger.info("fitting %s on %d of %d database images", model_conf["name"], len(names), len(df))
-    loader = image_loader(root, names, model_conf.get("resize"), 1, num_workers)
+    loader = image_loader(root, names, model.conf.get("resize"), 1, num_workers)
 
     def images():
         for batch in loader:
