@@ -36,6 +36,13 @@ MODELS: dict[str, str | tuple[str, dict]] = {
     "loftr": "pipeline.matchers.loftr",
     "cvnet": "pipeline.matchers.cvnet",
     "superglue": "pipeline.matchers.superglue",
+    # global descriptors (released layouts: MegaLoc safetensors, SALAD / MixVPR Lightning .ckpt)
+    "megaloc": "pipeline.global_features.megaloc",
+    "salad": "pipeline.global_features.salad",
+    "boq": "pipeline.global_features.boq",  # ResNet-50, 16384-d
+    "boq-dinov2": ("pipeline.global_features.boq", {"backbone": "dinov2"}),  # 12288-d
+    "eigenplaces": "pipeline.global_features.eigenplaces",
+    "mixvpr": "pipeline.global_features.mixvpr",
 }
 SUFFIX = ".random.json"
 NAME = re.compile(r"(?P<model>[a-z0-9_-]+?)_seed(?P<seed>\d+)(\.[a-z.]+)?")

@@ -445,7 +445,7 @@ def rescore_exact(db, queries: np.ndarray, rows: np.ndarray, k: int, pair_batch:
     sims = np.full(len(flat), -np.inf, np.float32)
     order = np.argsort(flat, kind="stable")
     sorted_rows = flat[order]
-    step = getattr(db, "chunk_rows", 65536)
+    step = chunk_rows_for(getattr(db, "chunk_rows", 65536), db.dim)  # big descriptors: fewer rows at a time
     start = int(np.searchsorted(sorted_rows, 0))  # skip -1
     while start < len(sorted_rows):
         c0 = int(sorted_rows[start]) // step * step

@@ -203,15 +203,17 @@ rule rerank_results:
 
 
 rule random_weights:
-    """A seeded random checkpoint in a model's official format, labelled as random (no weights ship here)."""
+    """A seeded random checkpoint in a model's official format, labelled as random (no weights
+    ship here); named as the official file is (.pth, .ckpt: Lightning, .safetensors: MegaLoc)."""
     output:
-        random_weights_file("{model}", "{seed}") + ".pth",
+        random_weights_file("{model}", "{seed}") + ".{ext}",
     wildcard_constraints:
         seed=r"\d+",
+        ext="pth|ckpt|safetensors",
     params:
         py=PY,
     log:
-        log_file("random_weights_{model}_seed{seed}"),
+        log_file("random_weights_{model}_seed{seed}.{ext}"),
     conda:
         CONDA_ENV
     shell:
