@@ -1,0 +1,68 @@
+"""The modern stage-1 descriptors through Snakemake: `results/<dataset>/megaloc.csv` and the others.
+
+No released weights exist here: the workflow writes seeded random checkpoints in each
+model's released layout (rule random_weights: MegaLoc's safetensors, SALAD's and MixVPR's
+Lightning .ckpt, BoQ's and EigenPlaces' .pth), the models load them through the loaders a
+released file goes through (their upstream parity is in tests/test_<model>.py), and every
+result says RANDOM. Images are described at a small size here to keep the CPU test short;
+without `resize` each model runs at its authors' test resolution (tests/test_<model>.py).
+"""
+
+import pandas as pd
+import pytest
+import yaml
+
+from .conftest import make_dataset
+from .test_workflow import job_counts, snakemake
+
+RW = "work/random_weights"
+SMALL = {"extraction": {"batch_size": 4, "device": "cpu", "num_workers": 0}}
+MODELS = {  # entry -> model conf (random checkpoint in the released file's layout)
+    "megaloc": {"name": "megaloc", "checkpoint": f"{RW}/megaloc_seed0.safetensors", "resize": [70, 98]},
+    "salad": {"name": "salad", "checkpoint": f"{RW}/salad_seed0.ckpt", "resize": [70, 98]},
+    "boq_dinov2": {"name": "boq", "backbone": "dinov2", "checkpoint": f"{RW}/boq-dinov2_seed0.pth",
+                   "resize": [70, 98]},
+    "boq_r50": {"name": "boq", "backbone": "resnet50", "checkpoint": f"{RW}/boq_seed0.pth", "resize": [96, 128]},
+    "eigenplaces": {"name": "eigenplaces", "checkpoint": f"{RW}/eigenplaces_seed0.pth"},
+    "mixvpr": {"name": "mixvpr", "checkpoint": f"{RW}/mixvpr_seed0.ckpt"},  # 320x320 only: its MLP sizes fix it
+}
+DIMS = {"megaloc": 8448, "salad": 8448, "boq_dinov2": 12288, "boq_r50": 16384, "eigenplaces": 2048, "mixvpr": 4096}
+
+
+def project(wd, names):
+    make_dataset(wd / "data" / "tiny", n_db=12, n_q=4)
+    config = {
+        "datasets": {"tiny": {"root": "data/tiny"}},
+        "global_methods": {n: {"model": MODELS[n], **SMALL} for n in names},
+        "retrieval": {"k": 5},
+        "evaluation": {"recall_at": [1, 3, 5]},
+        "default_target": {"methods": [], "published": False},
+    }
+    (wd / "config.yaml").write_text(yaml.safe_dump(config))
+    return wd
+
+
+def check(wd, names):
+    targets = [f"results/tiny/{n}.csv" for n in names]
+    code, out = snakemake(wd, *targets)
+    assert code == 0, out
+    counts = job_counts(out)
+    assert counts["random_weights"] == len(names) and counts["search"] == len(names), counts
+    for n in names:
+        row = pd.read_csv(wd / "results" / "tiny" / f"{n}.csv").iloc[0]
+        assert row.n_queries_evaluated == 4, row
+        assert str(row.weights).startswith("RANDOM"), row.weights  # never mistaken for the model's recalls
+        info = (wd / "work" / "tiny" / "global" / n / "faiss.index.json").read_text()
+        assert f'"dim": {DIMS[n]}' in info, (n, info)
+    assert "Nothing to be done" in snakemake(wd, "-n", *targets)[1]
+
+
+def test_megaloc_target(tmp_path):
+    """`snakemake results/<dataset>/megaloc.csv`: MegaLoc's safetensors checkpoint, 8448-d."""
+    check(project(tmp_path, ["megaloc"]), ["megaloc"])
+
+
+@pytest.mark.slow
+def test_every_modern_descriptor_target(tmp_path):
+    names = list(MODELS)
+    check(project(tmp_path, names), names)
