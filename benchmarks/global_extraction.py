@@ -14,6 +14,7 @@ store), which a real shard of 100k images pays once.
     python benchmarks/global_extraction.py --model vlad_sift --n 64
     python benchmarks/global_extraction.py --device cuda --n 512 --batch-size 32
     python benchmarks/global_extraction.py --device cuda --autocast bfloat16   # both timings under autocast
+    python benchmarks/global_extraction.py --model megaloc --device cuda --n 512 --batch-size 64
 
 The synthetic demo dataset is generated into a temporary folder unless --root is given.
 """
@@ -42,6 +43,13 @@ MODELS = {
     "cosplace_r18": {"name": "cosplace", "backbone": "ResNet18", "fc_output_dim": 512},
     "vlad_sift": {"name": "vlad", "local": {"name": "sift", "max_keypoints": 1000}, "n_clusters": 64, "dim": 128,
                   "fit_images": 200},
+    # the modern descriptors, random weights, each at its authors' test resolution
+    "megaloc": {"name": "megaloc"},
+    "salad": {"name": "salad"},
+    "boq_r50": {"name": "boq", "backbone": "resnet50"},
+    "boq_dinov2": {"name": "boq", "backbone": "dinov2"},
+    "eigenplaces": {"name": "eigenplaces"},
+    "mixvpr": {"name": "mixvpr"},
 }
 
 

@@ -142,13 +142,18 @@ def write_results(path, rows: list[dict], float_format: str | None = ".2f") -> N
 def results_row(topk: TopK, dataset: str, method: str, conf: dict, threshold: float, ns, positions=None,
                 index_summary: dict | None = None) -> dict:
     """The results-CSV row of a retrieval top-k file: Recall@N, query counts and provenance
-    (the index type, the model's size settings and seed, the method's conf, an import's source)."""
+    (the index type, the model's size settings, seed and weights, the method's conf, an import's
+    source)."""
     row = {"dataset": dataset, "method": method,
            **evaluate_topk(topk, threshold, ns, positions, index_summary)}
     row["index"] = topk.meta.get("index", "")
     model = conf.get("model", {})
     row["resize"] = json.dumps(model.get("resize")) if model else ""
     row["seed"] = model.get("seed", "") if model else ""
+    if model:  # the checkpoint it ran on: "RANDOM ..." for random checkpoints, else file + sha256
+        from .random_weights import weights_label
+
+        row["weights"] = weights_label(model)
     row["conf"] = conf
     row["imported_from"] = topk.meta.get("imported_from", "")
     return row

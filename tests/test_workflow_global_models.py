@@ -16,10 +16,11 @@ from .conftest import make_dataset
 from .test_workflow import job_counts, snakemake
 
 RW = "work/random_weights"
+# (MegaLoc and SALAD need more patches than their 64 clusters: at least 126 x 126 px)
 SMALL = {"extraction": {"batch_size": 4, "device": "cpu", "num_workers": 0}}
 MODELS = {  # entry -> model conf (random checkpoint in the released file's layout)
-    "megaloc": {"name": "megaloc", "checkpoint": f"{RW}/megaloc_seed0.safetensors", "resize": [70, 98]},
-    "salad": {"name": "salad", "checkpoint": f"{RW}/salad_seed0.ckpt", "resize": [70, 98]},
+    "megaloc": {"name": "megaloc", "checkpoint": f"{RW}/megaloc_seed0.safetensors", "resize": [126, 168]},
+    "salad": {"name": "salad", "checkpoint": f"{RW}/salad_seed0.ckpt", "resize": [126, 168]},
     "boq_dinov2": {"name": "boq", "backbone": "dinov2", "checkpoint": f"{RW}/boq-dinov2_seed0.pth",
                    "resize": [70, 98]},
     "boq_r50": {"name": "boq", "backbone": "resnet50", "checkpoint": f"{RW}/boq_seed0.pth", "resize": [96, 128]},
