@@ -272,7 +272,7 @@ def main(argv=None):
     p.add_argument("--nlist", type=int, default=None, help="default: ~4 sqrt(n), as index: auto")
     p.add_argument("--m", type=int, default=None, help="PQ sub-quantizers (bytes a vector at 8 bits; default: "
                    "the plan's, 64 for 512-d, 128 after PCA to 1024-d)")
-    p.add_argument("--pca", default="auto", help="PCA before IVF-PQ: auto (1024-d above 4096-d), none, or a size")
+    p.add_argument("--pca", default="auto", help="PCA before IVF-PQ: auto (1024-d above 16384-d), none, or a size")
     p.add_argument("--nbits", type=int, default=8)
     p.add_argument("--nprobe", default="16,32,64", help="comma-separated")
     p.add_argument("--train-size", type=int, default=None, help="default: 40 * nlist, at most 300000")

@@ -553,7 +553,7 @@ def _build_arguments(p):
     p.add_argument("--train-size", type=int, default=200_000,
                    help="training sample of IVF indexes (capped at 1.6 GB of float32: index_plan.TRAIN_MAX_BYTES)")
     p.add_argument("--pca", type=_pca_arg, default="auto",
-                   help="IVF-PQ: reduce descriptors by PCA first (auto: to 1024-d above 4096-d; none; or a size)")
+                   help="IVF-PQ: reduce descriptors by PCA first (auto: to 1024-d above 16384-d; none; or a size)")
     p.add_argument("--chunk-size", type=int, default=100_000, help="descriptors read and added at a time")
     p.add_argument("--gpu", choices=["auto", "never"], default="auto")
 

@@ -31,7 +31,7 @@ def test_shipped_config_is_valid_and_defaults_filled():
         (lambda c: c["retrieval"].update(k=0), "0 is less than the minimum of 1"),
         (lambda c: c["retrieval"].update(top_k=5), "Additional properties are not allowed ('top_k'"),
         (lambda c: c["global_methods"]["vlad_sift"]["model"].update(name="netvlad"),
-         "global_methods.vlad_sift.model.name: unknown global model 'netvlad'; known: ['cosplace', 'vlad']"),
+         "global_methods.vlad_sift.model.name: unknown global model 'netvlad'; known: ['boq', 'cosplace', 'eigenplaces', 'megaloc', 'mixvpr', 'salad', 'vlad']"),
         (lambda c: c.pop("datasets"), "'datasets' is a required property"),
         (lambda c: c["evaluation"].update(threshold_m=-5), "less than or equal to the minimum of 0"),
         (lambda c: c["datasets"].update({"bad name": {"root": "x"}}), "does not match"),

@@ -135,7 +135,7 @@ class CosPlace(GlobalModel):
         if self.conf["checkpoint"]:
             load_cosplace_checkpoint(self, self.conf["checkpoint"])
         else:
-            logger.warning("CosPlace: no checkpoint given, weights are random")
+            logger.warning("%s: no checkpoint given, weights are random", type(self).__name__)
         self.eval()
 
     @property
