@@ -228,6 +228,18 @@ def risk_coverage_table(sig: dict, right_after: np.ndarray, seconds_per_query: f
     return pd.concat(rows, ignore_index=True)
 
 
+def gated_point(name: str, reranked: TopK, threshold: float = 25.0, positions=None) -> dict:
+    """A gated method as run: the share of queries it re-ranked, its R@1 over every query and
+    its measured time per query (the gate's included), as a row of the risk-coverage table."""
+    from .evaluate import evaluate_topk
+
+    meta = reranked.meta
+    seconds = rerank_seconds_per_query(reranked)
+    return {"signal": f"measured: {name}", "fraction_reranked": float(meta.get("fraction_reranked", 1.0)),
+            "R@1": evaluate_topk(reranked, threshold, (1,), positions)["R@1"],
+            "est_seconds_per_query": (seconds or 0.0) + float(meta.get("seconds_per_query_gate") or 0.0)}
+
+
 def plot_risk_coverage(table, out, title: str = "") -> None:
     import matplotlib
 
@@ -235,9 +247,14 @@ def plot_risk_coverage(table, out, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for name, g in table.groupby("signal", sort=False):
+    measured = table.signal.astype(str).str.startswith("measured: ")
+    for name, g in table[~measured].groupby("signal", sort=False):
         ax.plot(100 * g.fraction_reranked, g["R@1"], label=name)
-    first = table[table.signal == table.signal.iloc[0]]
+    for _, r in table[measured].iterrows():  # gated runs: measured, not estimated
+        ax.plot(100 * r.fraction_reranked, r["R@1"], marker="o", ls="none", mec="black",
+                label=f"{r.signal[len('measured: '):]} ({r.est_seconds_per_query:.3g} s/query)")
+    first = table[~measured]
+    first = first[first.signal == first.signal.iloc[0]]
     ax.axhline(first["R@1"].iloc[0], color="grey", lw=0.8, ls=":", label="retrieval alone")
     ax.axhline(first["R@1"].iloc[-1], color="black", lw=0.8, ls="--", label="every query re-ranked")
     ax.set(xlabel="queries re-ranked (%), least confident first", ylabel="R@1 (%)", title=title)

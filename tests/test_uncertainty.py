@@ -165,3 +165,42 @@ def test_gate_on_a_dataset_whose_names_carry_no_positions(tiny_dataset, tmp_path
     # without the index tables the names (IMG_*.jpg) say nothing
     assert main(["gate", "--topk", str(tmp_path / "t.h5"), "--signal", "sue", "--threshold=0",
                  "--out", str(tmp_path / "g2.h5")]) != 0
+
+
+def test_gated_runs_are_measured_points_on_the_risk_coverage_plot(tmp_path):
+    """A gated copy of a method appears on that method's risk-coverage plot as a measured point
+    (share re-ranked, R@1 over every query, time per query with the gate's), not as a signal."""
+    from pipeline.reports.html import uncertainty_block
+    from pipeline.rerank import merge_reranked
+    from pipeline.topk import write_topk
+
+    rng = np.random.default_rng(0)
+    n, k = 20, 5
+    q_pos = [(550000.0 + 100 * i, 4180000.0) for i in range(n)]
+    queries = [vg_name(*p, pano_id=f"q{i}") for i, p in enumerate(q_pos)]
+    right = [vg_name(e + 3, nn, pano_id=f"r{i}") for i, (e, nn) in enumerate(q_pos)]
+    wrong = [[vg_name(e + 40 + 10 * j, nn, pano_id=f"w{i}_{j}") for j in range(k - 1)] for i, (e, nn) in enumerate(q_pos)]
+    first = rng.random(n) < 0.4  # retrieval: the right image first for some queries, last for the others
+    names = np.array([[right[i]] + wrong[i] if first[i] else wrong[i] + [right[i]] for i in range(n)])
+    dist = np.sort(rng.random((n, k)).astype(np.float32), 1)
+    retrieval = TopK(queries, names, np.zeros((n, k), np.int64), dist)
+    full = TopK(queries, np.array([[right[i]] + wrong[i] for i in range(n)]), np.zeros((n, k), np.int64), dist,
+                {"seconds_per_query_matching": 0.2, "seconds_per_query_scoring": 0.1})
+    write_topk(tmp_path / "retrieval.h5", retrieval)
+    write_topk(tmp_path / "full.h5", full, extra={"rerank_scores": np.tile(np.arange(k, 0, -1.0), (n, 1))})
+    sent = np.flatnonzero(~first)[:5]  # a gate that sent 5 of the 12 wrong top-1s
+    part = TopK([queries[i] for i in sent], full.candidate_names[sent], full.candidate_index[sent], dist[sent],
+                dict(full.meta))
+    gated, scores = merge_reranked(retrieval, part, np.ones((len(sent), k)), {"signal": "l2", "seconds": 0.04})
+    write_topk(tmp_path / "gated.h5", gated, extra={"rerank_scores": scores})
+    out = uncertainty_block(str(tmp_path / "retrieval.h5"), {"m": str(tmp_path / "full.h5")}, tmp_path / "u", 25.0,
+                            measured={"m": {"m_gated": str(tmp_path / "gated.h5")}})
+    rc = pd.read_csv(out["files"]["risk_coverage/m"]["csv"])
+    point = rc[rc.signal == "measured: m_gated"].iloc[0]
+    assert point.fraction_reranked == pytest.approx(5 / n)
+    assert point["R@1"] == pytest.approx(100.0 * (first.sum() + 5) / n)
+    assert point.est_seconds_per_query == pytest.approx(0.3 * 5 / n + 0.04 / n)
+    auc = pd.read_csv(out["files"]["auc_pr"]).signal.tolist()
+    assert "m" in auc and "m_gated" not in auc  # the gated copy is no signal
+    assert "markers: the gated copies" in out["html"]
+    assert (tmp_path / "u" / "retrieval_m_risk_coverage.png").stat().st_size > 0

@@ -103,12 +103,16 @@ def dataset_page(name: str, ds: dict, out_dir: Path, threshold_m: float, n_queri
             page_dir, k["figures"][0], "R@1 when re-ranking the first K candidates; dashed: retrieval R@K "
             "(upper bound)", {"SVG": k["figures"][1], "data (CSV)": k["csv"]})]
     by_retrieval: dict[str, dict[str, str]] = {}
+    measured: dict[str, dict[str, str]] = {}  # ungated method -> its gated copies' re-ranked lists
     for m, c in sorted(methods.items()):
-        by_retrieval.setdefault(c["retrieval_topk"], {})[m] = c["reranked_topk"]
+        if c.get("gate_of") is None:
+            by_retrieval.setdefault(c["retrieval_topk"], {})[m] = c["reranked_topk"]
+        elif c["gate_of"]:
+            measured.setdefault(c["gate_of"], {})[m] = c["reranked_topk"]
     if by_retrieval:
         blocks.append("<h2>Is the top-1 right? Uncertainty signals</h2>")
     for topk_path, reranked in sorted(by_retrieval.items()):
-        u = uncertainty_block(topk_path, reranked, page_dir / "uncertainty", threshold_m, _positions(ds))
+        u = uncertainty_block(topk_path, reranked, page_dir / "uncertainty", threshold_m, _positions(ds), measured)
         written[f"uncertainty/{Path(topk_path).stem}"] = u["files"]
         blocks.append(u["html"])
     if methods and ds.get("root"):
@@ -133,13 +137,16 @@ def dataset_page(name: str, ds: dict, out_dir: Path, threshold_m: float, n_queri
 
 
 def uncertainty_block(topk_path: str, reranked: dict[str, str], out_dir: Path, threshold_m: float,
-                      positions=None) -> dict:
+                      positions=None, measured: dict[str, dict[str, str]] | None = None) -> dict:
     """AUC-PR of each confidence signal of one retrieval (:mod:`pipeline.uncertainty`; the
     re-ranking methods on it give their score of the top-1 as a signal), as a table and a
-    precision-recall plot."""
+    precision-recall plot; per method, its risk-coverage curves, with ``measured``: the gated
+    copies of that method (name -> re-ranked list) as measured points."""
     from ..topk import read_topk
-    from ..uncertainty import (plot_risk_coverage, rerank_seconds_per_query, right_after, risk_coverage_table,
-                               signals, write_tables)
+    import pandas as pd
+
+    from ..uncertainty import (gated_point, plot_risk_coverage, rerank_seconds_per_query, right_after,
+                               risk_coverage_table, signals, write_tables)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(topk_path).stem
@@ -163,6 +170,10 @@ def uncertainty_block(topk_path: str, reranked: dict[str, str], out_dir: Path, t
         rr = read_topk(path, made_here=True)
         curves = risk_coverage_table(sig, right_after(retrieval, rr, threshold_m, positions),
                                      rerank_seconds_per_query(rr))
+        points = [gated_point(name, read_topk(p, made_here=True), threshold_m, positions)
+                  for name, p in sorted((measured or {}).get(method, {}).items())]
+        if points:
+            curves = pd.concat([curves, pd.DataFrame(points)], ignore_index=True)
         csv_path, png = out_dir / f"{stem}_{method}_risk_coverage.csv", out_dir / f"{stem}_{method}_risk_coverage.png"
         with atomic_path(csv_path) as tmp:
             curves.to_csv(tmp, index=False, float_format="%.6g")
@@ -170,7 +181,9 @@ def uncertainty_block(topk_path: str, reranked: dict[str, str], out_dir: Path, t
         files[f"risk_coverage/{method}"] = {"csv": str(csv_path), "plot": str(png)}
         block += _figure(page_dir, str(png), f"{method}: R@1 when only the least confident queries (by each signal) "
                          "are re-ranked; the CSV adds the time per query this would take (the fraction times the "
-                         "measured full re-ranking time)", {"data (CSV)": str(csv_path)})
+                         "measured full re-ranking time)" + ("; markers: the gated copies of this method as run "
+                         "(measured R@1, share and time per query, the gate's included)" if points else ""),
+                         {"data (CSV)": str(csv_path)})
     return {"files": files, "html": block}
 
 

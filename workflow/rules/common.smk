@@ -506,6 +506,13 @@ def report_methods(dataset):
     return [m for m in RERANK if in_default_target(dataset, m)]
 
 
+def gate_twin(method):
+    """The ungated method a gated one copies (same retrieval, features, matcher, scorer, K), or ""."""
+    key = lambda c: (c["retrieval"], c["features"], c["matcher"], c["scorer"], c["k"])
+    c = RERANK[method]
+    return next((m for m, o in RERANK.items() if not o.get("gate") and key(o) == key(c)), "")
+
+
 def report_spec():
     datasets = {}
     for d in DATASETS:
@@ -523,6 +530,8 @@ def report_spec():
                 "features": features_file(d, c["features"]) if c["features"] and not c.get("gate") else None,
                 "matches": None if c.get("gate") else matches_file(d, c["retrieval"], features_part(c), c["matcher"]),
                 "scorer": config["scorers"][c["scorer"]],
+                # a gated method is a measured point on its ungated twin's risk-coverage plot
+                "gate_of": gate_twin(m) if c.get("gate") else None,
             }
         root = DATASETS[d].get("root")
         datasets[d] = {"root": root, "index_dir": index_dir(d) if root else None,
