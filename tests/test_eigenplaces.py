@@ -31,17 +31,6 @@ ATOL = 1e-5
 SMALL = {"backbone": "ResNet18", "fc_output_dim": 256}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    """The name ``eigenplaces`` in the registry (pipeline/global_features/__init__.py lists it;
-    registering the same line again is a no-op), for this module's tests only."""
-    added = "eigenplaces" not in REGISTRY.models
-    REGISTRY.register("eigenplaces", "pipeline.global_features.eigenplaces", "EigenPlaces")
-    yield
-    if added:
-        REGISTRY.models.pop("eigenplaces")
-
-
 @pytest.fixture(scope="module")
 def ref():
     with np.load(FIXTURE) as f:

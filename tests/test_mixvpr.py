@@ -29,17 +29,6 @@ RELEASED_NAME = "resnet50_MixVPR_4096_channels(1024)_rows(4).ckpt"
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    """The name ``mixvpr`` in the registry (pipeline/global_features/__init__.py lists it;
-    registering the same line again is a no-op), for this module's tests only."""
-    added = "mixvpr" not in REGISTRY.models
-    REGISTRY.register("mixvpr", "pipeline.global_features.mixvpr", "MixVPR")
-    yield
-    if added:
-        REGISTRY.models.pop("mixvpr")
-
-
 @pytest.fixture(scope="module")
 def ref():
     with np.load(FIXTURE) as f:

@@ -82,3 +82,16 @@ def test_another_query_count_is_a_difference(registry, tmp_path):
     registry({"n_queries": 77})
     with pytest.raises(NotReproduced, match="76 queries, published 77"):
         stage1_table([OCCLUSION])
+
+
+def test_the_report_shows_the_real_photo_recalls_and_signals(registry, tmp_path):
+    from pipeline.reports.html import published_block
+
+    registry()
+    stage1_table(None, tmp_path / "stage1.csv")
+    block = published_block(tmp_path / "stage1.csv", tmp_path / "report")
+    assert "The thesis's stage-1 files (real photos)" in block
+    occ = pd.read_csv(tmp_path / "stage1.csv").set_index("asset").loc[OCCLUSION]
+    assert f"<td>{occ['AUC-PR_sue']:.3f}</td>" in block and f"<td>{occ['AUC-PR_l2']:.3f}</td>" in block
+    assert "26.32 (26.31578947)" in block and "not here: python -m pipeline assets fetch" in block
+    assert published_block(tmp_path / "missing.csv", tmp_path) == ""

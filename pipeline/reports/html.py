@@ -198,6 +198,42 @@ def _positions(ds: dict):
         return None
 
 
+def published_block(path, out_dir: Path) -> str:
+    """The thesis's published stage-1 files (real query photos): our Recall@N beside the
+    published one, and how well each retrieval signal predicts a right top-1 (AUC-PR)."""
+    if not path or not Path(path).is_file():
+        return ""
+    import pandas as pd
+
+    df = pd.read_csv(path, dtype=str).fillna("")
+    recall = [c for c in df.columns if c.startswith("R@") and not c.endswith("_published")]
+    auc = [c for c in df.columns if c.startswith("AUC-PR_")]
+    head = (["query set", "status"] + [f"{c} (published)" for c in recall] + [c.replace("_", " ") for c in auc]
+            + (["chance (top-1 right)"] if "top1_right_pct" in df.columns else []))
+    e = html.escape
+
+    def num(v, digits):
+        try:
+            return f"{float(v):.{digits}f}"
+        except ValueError:
+            return e(v)
+
+    rows = []
+    for _, r in df.iterrows():
+        cells = [e(r["query_set"]), e(r["status"])]
+        cells += [f"{num(r[c], 2)} ({e(r.get(c + '_published', ''))})" if r[c] else "" for c in recall]
+        cells += [num(r[c], 3) if r[c] else "" for c in auc]
+        if "top1_right_pct" in df.columns:
+            cells.append(num(float(r["top1_right_pct"]) / 100, 3) if r["top1_right_pct"] else "")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    rel = os.path.relpath(path, out_dir)
+    return ("<h2>The thesis's stage-1 files (real photos)</h2><p>CosPlace R50 top-100 lists as published with the "
+            "thesis: our Recall@N (published in brackets), and the AUC-PR with which each retrieval signal (top-1 L2 "
+            "distance, d1/d2 ratio, SUE) predicts a right top-1, against chance.</p><table><tr>"
+            + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
+            + f'<p><a href="{e(rel)}">CSV</a></p>')
+
+
 def build_report(spec: dict, out_dir) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +252,8 @@ def build_report(spec: dict, out_dir) -> dict:
             + summary.to_html(summary.summary_table(df), summary.upper_bounds(df))
             + '<p><a href="summary.md">Markdown</a> · <a href="summary_table.csv">CSV</a> · '
               '<a href="summary.csv">all rows (CSV)</a></p>'
-            + "<h2>Datasets</h2><ul>" + "".join(links) + "</ul>")
+            + "<h2>Datasets</h2><ul>" + "".join(links) + "</ul>"
+            + published_block(spec.get("published"), out_dir))
     _write(out_dir / "index.html", _page("VG re-ranking report", body))
     write_json(out_dir / "manifest.json", written)
     return written

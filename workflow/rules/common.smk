@@ -536,7 +536,9 @@ def report_spec():
         root = DATASETS[d].get("root")
         datasets[d] = {"root": root, "index_dir": index_dir(d) if root else None,
                        "results": results, "methods": methods}
-    return {"threshold_m": config["evaluation"]["threshold_m"], "n_queries": 4, "datasets": datasets}
+    return {"threshold_m": config["evaluation"]["threshold_m"], "n_queries": 4, "datasets": datasets,
+            # the thesis's stage-1 files (real photos): recalls beside the published ones, signals' AUC-PR
+            "published": published_stage1_file() if DEFAULT.get("published") else None}
 
 
 def dataset_results(dataset):
@@ -545,7 +547,7 @@ def dataset_results(dataset):
 
 def report_inputs(wildcards):
     spec = report_spec()
-    files = [summary_files(d)[0] for d in spec["datasets"]]
+    files = [summary_files(d)[0] for d in spec["datasets"]] + ([spec["published"]] if spec["published"] else [])
     for ds in spec["datasets"].values():
         files += ds["results"]
         for c in ds["methods"].values():
