@@ -8,6 +8,7 @@ the prediction, their ratio, and R@1 (with the queries broken and fixed by re-ra
 
     python benchmarks/gate_time.py                       # SIFT + MNN + RANSAC, K = 20, signal ratio
     python benchmarks/gate_time.py --features aliked --signal sue --shares 1 0.5 0.25 0.1 0
+    python benchmarks/gate_time.py --signal inliers      # the gate matches each query's top-1 first
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pipeline.extract_local import extract_local  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 from pipeline.rerank import match_topk, needed_images, score_topk  # noqa: E402
 from pipeline.topk import read_topk, write_topk  # noqa: E402
-from pipeline.uncertainty import gate_topk, retrieval_confidence  # noqa: E402
+from pipeline.gate_probe import probe_top1  # noqa: E402
+from pipeline.uncertainty import GATE_SIGNALS, PROBE_SIGNAL, gate_topk, retrieval_confidence  # noqa: E402
 
 
 def stage2(tmp: Path, root: Path, topk_path: Path, full_path: Path, k: int, ext: dict, matcher: dict, tag: str):
@@ -50,7 +52,9 @@ def stage2(tmp: Path, root: Path, topk_path: Path, full_path: Path, k: int, ext:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--features", choices=sorted(FEATURES), default="sift")
-    p.add_argument("--signal", choices=("l2", "ratio", "sue"), default="ratio")
+    p.add_argument("--signal", choices=GATE_SIGNALS, default="ratio",
+                   help="inliers: the method's RANSAC inliers with each query's top-1 (one pair per query, "
+                        "matched into the run's stores, which stage 2 then reuses)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("--shares", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.0])
@@ -62,12 +66,19 @@ def main():
         generate(root, {"seed": 0})
         full_path = retrieval(tmp, root, a.k, a.queries)
         full = read_topk(full_path)
-        conf = retrieval_confidence(full, a.signal)
+
+        def probe(tag):  # the inliers gate works in the run's own stores, as the workflow's in the dataset's
+            return {"features": ext, "matcher": matcher, "scorer": SCORER, "root": str(root), "device": "cpu",
+                    "feature_base": str(tmp / f"local_{tag}"), "pair_base": str(tmp / f"pairs_{tag}")}
+
+        probing = a.signal == PROBE_SIGNAL
+        # the thresholds giving each share (for inliers: from a probe in stores of its own, not timed)
+        conf = probe_top1(full, probe("quantiles"))[0] if probing else retrieval_confidence(full, a.signal)
         rows, base_time = [], None
         for share in sorted(a.shares, reverse=True):
             threshold = math.inf if share >= 1 else (-math.inf if share <= 0 else float(np.quantile(conf, share)))
             t0 = time.perf_counter()
-            gated, info = gate_topk(full, a.signal, threshold)
+            gated, info = gate_topk(full, a.signal, threshold, probe=probe(f"{share}") if probing else None)
             write_topk(tmp / f"gate_{share}.h5", gated)
             gate_s = time.perf_counter() - t0
             wall = stage2(tmp, root, tmp / f"gate_{share}.h5", full_path, a.k, ext, matcher, f"{share}") + gate_s

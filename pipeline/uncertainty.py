@@ -350,7 +350,10 @@ def gate_topk(topk: TopK, signal: str, threshold: float, positions=None, probe: 
     import time
 
     t0 = time.perf_counter()
-    conf = gate_confidence(topk, signal, positions, probe, workdir)
+    if signal == PROBE_SIGNAL and math.isinf(threshold):  # every query or none: nothing to probe
+        conf = np.zeros(len(topk))
+    else:
+        conf = gate_confidence(topk, signal, positions, probe, workdir)
     keep = np.flatnonzero(conf < threshold)
     gated = TopK([topk.query_names[i] for i in keep], topk.candidate_names[keep], topk.candidate_index[keep],
                  topk.distances[keep], {**topk.meta})
