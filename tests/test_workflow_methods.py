@@ -78,12 +78,30 @@ def tiny_project(wd, local, matchers, scorers, methods, k):
     return wd
 
 
+# a modern stage-1 descriptor in the same run (the others: tests/test_workflow_global_models.py, slow):
+# MixVPR's random checkpoint named as its release (.ckpt), at its own 320x320, 4096-d
+GLOBAL = {"mixvpr": {"model": {"name": "mixvpr", "checkpoint": "work/random_weights/mixvpr_seed0.ckpt"},
+                     "extraction": {"batch_size": 4, "device": "cpu", "num_workers": 0}}}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     wd = tiny_project(tmp_path_factory.mktemp("wf_methods"), LOCAL, MATCHERS, SCORERS, METHODS, K)
-    code, out = snakemake(wd, *[f"results/tiny/{m}.csv" for m in METHODS])
+    config = yaml.safe_load((wd / "config.yaml").read_text())
+    config["global_methods"].update(GLOBAL)
+    (wd / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out = snakemake(wd, *[f"results/tiny/{m}.csv" for m in [*METHODS, *GLOBAL]])
     assert code == 0, out
     return wd, out
+
+
+def test_modern_descriptor_target_runs_and_is_labelled_random(project):
+    """`snakemake results/<dataset>/mixvpr.csv` (like results/demo/megaloc.csv) on a random checkpoint."""
+    wd, _ = project
+    row = pd.read_csv(wd / "results" / "tiny" / "mixvpr.csv").iloc[0]
+    assert row.n_queries_evaluated == 4 and str(row.weights).startswith("RANDOM"), row
+    info = json.loads((wd / "work" / "tiny" / "global" / "mixvpr" / "faiss.index.json").read_text())
+    assert info["dim"] == 4096 and info["n"] == 12
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -107,7 +125,7 @@ def test_method_runs_and_is_labelled_random(project, method):
 
 def test_random_methods_stay_out_of_the_default_target_and_reruns_are_noops(project):
     wd, _ = project
-    code, out = snakemake(wd, "-n", *[f"results/tiny/{m}.csv" for m in METHODS])
+    code, out = snakemake(wd, "-n", *[f"results/tiny/{m}.csv" for m in [*METHODS, *GLOBAL]])
     assert code == 0 and "Nothing to be done" in out, out
     code, out = snakemake(wd, "-n")  # rule all: retrieval results only
     assert code == 0, out
