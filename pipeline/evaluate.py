@@ -165,11 +165,10 @@ def top1_changes(retrieval: TopK, reranked: TopK, threshold: float = 25.0, posit
     and ``R@1_change`` (points of R@1 against retrieval alone on the same queries)."""
     before = candidate_distances(retrieval, positions)[:, 0] <= threshold
     after = candidate_distances(reranked, positions)[:, 0] <= threshold
-    row_of = {q: i for i, q in enumerate(retrieval.query_names)}
-    missing = [q for q in reranked.query_names if q not in row_of]
-    if missing:
-        raise ValueError(f"re-ranked queries not in the retrieval list, e.g. {missing[:3]}")
-    before = before[[row_of[q] for q in reranked.query_names]]
+    try:
+        before = before[retrieval.rows_of(list(reranked.query_names))]
+    except ValueError as err:
+        raise ValueError(f"re-ranked queries not in the retrieval list: {err}") from None
     n = max(len(after), 1)
     return {"broken@1": int((before & ~after).sum()), "fixed@1": int((~before & after).sum()),
             "R@1_change": 100.0 * (int(after.sum()) - int(before.sum())) / n}

@@ -86,8 +86,8 @@ def probe_top1(topk: TopK, probe: dict, workdir: str | Path | None = None) -> tu
         scored_path = tmp / "scored.h5"
         scored = score_topk(features_index, matches, probe["scorer"], top1_path, 1, scored_path, resolve)
         scores = read_extra(scored_path, "rerank_scores")[:, 0].astype(np.float64)
-    row = {q: i for i, q in enumerate(scored.query_names)}
-    conf = np.array([scores[row[q]] if q in row else -np.inf for q in topk.query_names])
+    rows = scored.rows_of(list(topk.query_names), strict=False)
+    conf = np.where(rows >= 0, scores[np.maximum(rows, 0)], -np.inf)
     conf[~np.isfinite(conf)] = -np.inf
     info = {"seconds": time.perf_counter() - t0, "pairs": n}
     logger.info("inliers probe: %d top-1 pairs scored in %.1f s", n, info["seconds"])

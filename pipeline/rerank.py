@@ -658,15 +658,15 @@ def merge_reranked(full: TopK, part: TopK, part_scores: np.ndarray, gate: dict |
     """The full retrieval list with the re-ranked rows of the queries a gate sent (``part``);
     the others keep the retrieval's order (scores NaN). Times per query become means over
     every query (a query not re-ranked costs nothing but the gate: ``gate``, its record)."""
-    row_of = {q: i for i, q in enumerate(full.query_names)}
+    try:
+        rows = full.rows_of(list(part.query_names))
+    except ValueError as err:
+        raise ValueError(f"gated queries not in the retrieval list: {err}") from None
     names, index, dist = full.candidate_names.copy(), full.candidate_index.copy(), full.distances.copy()
     scores = np.full((len(full), part_scores.shape[1] if part_scores.ndim == 2 else 0), np.nan)
-    for j, q in enumerate(part.query_names):
-        if q not in row_of:
-            raise ValueError(f"gated query {q!r} is not in the retrieval list")
-        i = row_of[q]
-        names[i], index[i], dist[i], scores[i] = part.candidate_names[j], part.candidate_index[j], part.distances[j], \
-            part_scores[j]
+    names[rows], index[rows], dist[rows] = part.candidate_names, part.candidate_index, part.distances
+    if len(rows):
+        scores[rows] = part_scores
     share = len(part) / max(len(full), 1)
     meta = dict(part.meta)
     for key in ("seconds_per_query_scoring", "seconds_per_query_matching", "seconds_per_query_extraction"):

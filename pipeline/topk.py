@@ -63,6 +63,16 @@ class TopK:
     def k(self) -> int:
         return self.candidate_names.shape[1]
 
+    def rows_of(self, names, strict: bool = True) -> np.ndarray:
+        """The row of each query name in this list: ``-1`` where it has none, or with ``strict``
+        a ValueError naming the first few (lists of one dataset are aligned by query name)."""
+        row = {q: i for i, q in enumerate(self.query_names)}
+        out = np.fromiter((row.get(q, -1) for q in names), np.int64, count=len(names))
+        if strict and (out < 0).any():
+            missing = [q for q, i in zip(names, out) if i < 0]
+            raise ValueError(f"{len(missing)} queries are not in the list, e.g. {missing[:3]}")
+        return out
+
     def __len__(self):
         return len(self.query_names)
 

@@ -86,10 +86,9 @@ def top1_scores(retrieval: TopK, reranked_path) -> np.ndarray:
     reranked = read_topk(reranked_path, made_here=True)
     scores = read_extra(reranked_path, "rerank_scores")
     out = np.full(len(retrieval), np.nan)
-    row_of = {q: i for i, q in enumerate(reranked.query_names)}
-    for i, (q, top1) in enumerate(zip(retrieval.query_names, retrieval.candidate_names[:, 0])):
-        j = row_of.get(q)
-        if j is None:
+    rows = reranked.rows_of(list(retrieval.query_names), strict=False)
+    for i, (j, top1) in enumerate(zip(rows, retrieval.candidate_names[:, 0])):
+        if j < 0:
             continue
         hit = np.flatnonzero(reranked.candidate_names[j, : scores.shape[1]] == top1)
         if hit.size:
@@ -198,11 +197,9 @@ def right_after(retrieval: TopK, reranked: TopK, threshold: float = 25.0, positi
     """Per retrieval query, whether the re-ranked top-1 is right (the retrieval's own top-1
     for a query the re-ranked list has not)."""
     out = candidate_distances(retrieval, positions)[:, 0] <= threshold
-    row_of = {q: i for i, q in enumerate(retrieval.query_names)}
     rr = candidate_distances(reranked, positions)[:, 0] <= threshold
-    for j, q in enumerate(reranked.query_names):
-        if q in row_of:
-            out[row_of[q]] = rr[j]
+    rows = retrieval.rows_of(list(reranked.query_names), strict=False)
+    out[rows[rows >= 0]] = rr[rows >= 0]
     return out
 
 

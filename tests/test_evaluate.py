@@ -96,6 +96,15 @@ def test_topk_shape_checks():
         TopK(["a", "b"], [["x"]], [[0]], [[0.0]])
 
 
+def test_lists_are_aligned_by_query_name():
+    t = TopK(["q/a.jpg", "q/b.jpg", "q/c.jpg"], [["d/1.jpg"]] * 3, np.zeros((3, 1)), np.zeros((3, 1)))
+    assert t.rows_of(["q/c.jpg", "q/a.jpg"]).tolist() == [2, 0]
+    assert t.rows_of(["q/x.jpg", "q/b.jpg"], strict=False).tolist() == [-1, 1]
+    with pytest.raises(ValueError, match="1 queries are not in the list, e.g. \\['q/x.jpg'\\]"):
+        t.rows_of(["q/b.jpg", "q/x.jpg"])
+    assert t.rows_of([]).tolist() == []
+
+
 def test_left_out_queries_are_counted_and_can_count_as_misses():
     """22 query files: 6 left out at the index (skipped.csv), 1 at extraction (no descriptor),
     15 evaluated. R@N stays over the 15; R@N_all_found counts the 7 as misses."""
