@@ -28,6 +28,10 @@ import torch
 from PIL import Image, ImageOps
 
 #: the default limit: 100 megapixels, above any camera's photo (a 14000 x 13000 JPEG is 182)
+#: the ImageNet normalisation (torchvision's) every ImageNet-pretrained backbone here expects
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 DEFAULT_MAX_PIXELS = 100_000_000
 # max_pixels is the limit here: PIL's warning from 89 MP on would only add noise (its error
 # from 179 MP on stays, reported as a decompression bomb)

@@ -74,13 +74,12 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from ..checkpoints import load_into, read_state_dict
+from ..images import IMAGENET_MEAN, IMAGENET_STD
 from .base import GlobalModel
 from .dinov2 import DinoV2
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH = 14
 
 #: released configuration per backbone (upstream ``hubconf.py`` ``get_trained_boq``; test size

@@ -17,12 +17,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checkpoints import load_into, read_state_dict
+from ..images import IMAGENET_MEAN, IMAGENET_STD
 from .base import GlobalModel
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: canonical backbone name -> channels of the last kept feature map
 BACKBONE_CHANNELS = {

@@ -44,7 +44,8 @@ from torch import nn
 from ..checkpoints import load_into, read_state_dict
 from .base import GlobalModel
 from .dinov2 import DinoV2
-from .salad import (IMAGENET_MEAN, IMAGENET_STD, SaladAggregator, lazy_init, materialise,
+from ..images import IMAGENET_MEAN, IMAGENET_STD
+from .salad import (SaladAggregator, lazy_init, materialise,
                     resize_to_patch_multiple, squeeze_scalars)
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from ..checkpoints import load_into, read_state_dict
 from .base import GlobalModel
-from .cosplace import IMAGENET_MEAN, IMAGENET_STD
+from ..images import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
