@@ -151,6 +151,12 @@ def test_reports_target_builds_the_html_report(project):
         assert g["R@1"].iloc[0] == pytest.approx(base_r1, abs=0.01)
         assert g["R@1"].iloc[-1] == pytest.approx(res["sift_ransac"]["R@1"], abs=0.01)
         assert g.est_seconds_per_query.iloc[-1] == pytest.approx(res["sift_ransac"].rerank_s_per_query, abs=0.01)
+    # the signals as a stage of their own (rule uncertainty): the report's numbers
+    code, out = snakemake(wd, "results/syn/uncertainty/vlad_sift_auc_pr.csv")
+    assert code == 0, out
+    stage = pd.read_csv(wd / "results" / "syn" / "uncertainty" / "vlad_sift_auc_pr.csv").set_index("signal")
+    pd.testing.assert_series_equal(stage.auc_pr.sort_index(), auc.auc_pr.sort_index(), atol=1e-9)
+    assert (wd / "results" / "syn" / "uncertainty" / "vlad_sift_pr.png").stat().st_size > 0
     assert "R@1 change" in (report / "syn" / "index.html").read_text()  # the no-harm columns
     per_dataset = pd.read_csv(wd / "results" / "syn" / "summary_table.csv").set_index("method")
     assert set(per_dataset.index) == {"vlad_sift", "sift_ransac", "sift_count"}

@@ -506,6 +506,13 @@ def report_methods(dataset):
     return [m for m in RERANK if in_default_target(dataset, m)]
 
 
+def signal_methods(dataset, gmethod):
+    """Re-ranking methods whose score of the retrieval top-1 is an uncertainty signal of
+    ``gmethod`` on ``dataset``: on that retrieval, ungated, runnable there, not on random weights."""
+    return [m for m, c in RERANK.items() if c["retrieval"] == gmethod and not c.get("gate")
+            and rerank_available(dataset, m) and not method_random_weights(m)]
+
+
 def gate_twin(method):
     """The ungated method a gated one copies (same retrieval, features, matcher, scorer, K), or ""."""
     key = lambda c: (c["retrieval"], c["features"], c["matcher"], c["scorer"], c["k"])

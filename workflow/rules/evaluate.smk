@@ -27,6 +27,36 @@ rule results:
         " --ns {params.ns} {params.index} {params.summary} 2> {log:q}"
 
 
+rule uncertainty:
+    """Is the top-1 right? Per query of a retrieval: the top-1 L2 distance, the d1/d2 ratio, SUE
+    and each re-ranking method's score of the top-1 (e.g. RANSAC inliers), with each signal's
+    AUC-PR and precision-recall curves (pipeline/uncertainty.py)."""
+    input:
+        topk=lambda w: topk_file(w.dataset, w.gmethod),
+        index=index_tables,
+        reranked=lambda w: [rerank_file(w.dataset, m) for m in signal_methods(w.dataset, w.gmethod)],
+    output:
+        signals=uncertainty_files("{dataset}", "{gmethod}")[0],
+        auc_pr=uncertainty_files("{dataset}", "{gmethod}")[1],
+        plot=uncertainty_files("{dataset}", "{gmethod}")[2],
+    wildcard_constraints:
+        gmethod=alternation(GMETHODS),
+    params:
+        py=PY,
+        threshold=config["evaluation"]["threshold_m"],
+        reranked=lambda w: " ".join(shlex.quote(f"{m}={rerank_file(w.dataset, m)}")
+                                    for m in signal_methods(w.dataset, w.gmethod)),
+        index=lambda w: positions_index_arg(w.dataset),
+    log:
+        log_file("uncertainty_{dataset}_{gmethod}"),
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.py} uncertainty --topk {input.topk:q} --reranked {params.reranked} --threshold {params.threshold}"
+        " {params.index} --out {output.signals:q} --summary {output.auc_pr:q} --plot {output.plot:q}"
+        " --title {wildcards.dataset}/{wildcards.gmethod} > {log:q} 2>&1"
+
+
 rule published_stage1:
     """The thesis's published stage-1 files (pipeline/assets.yaml, published:) that are here or
     downloadable, evaluated beside their published Recall@N; a difference fails the job. Files

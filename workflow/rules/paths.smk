@@ -79,6 +79,12 @@ def results_file(dataset, method):
     return f"{RESULTS}/{dataset}/{method}.csv"
 
 
+def uncertainty_files(dataset, gmethod):
+    """Per-query confidence signals of a retrieval, their AUC-PR, and the precision-recall plot."""
+    base = f"{RESULTS}/{dataset}/uncertainty/{gmethod}"
+    return [f"{base}_signals.csv", f"{base}_auc_pr.csv", f"{base}_pr.png"]
+
+
 def summary_files(dataset):
     return [f"{RESULTS}/{dataset}/{name}" for name in ("summary.csv", "summary_table.csv", "summary.md",
                                                          "summary.html")]
