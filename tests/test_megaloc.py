@@ -220,3 +220,18 @@ def test_missing_file_raises(tmp_path):
 def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="feat_dim=0"):
         MegaLoc({"feat_dim": 0})
+
+
+def test_another_resolution_than_the_authors_is_warned(caplog):
+    """The commonest complaint in these projects' trackers is a wrong test resolution."""
+    import logging
+
+    from pipeline.global_features import get_model_class
+
+    with caplog.at_level(logging.WARNING):
+        get_model_class("megaloc")({"resize": [512, 512], "feat_dim": 512, "cluster_dim": 32})
+    assert "images resized to [512, 512], but its authors evaluate it at [322, 322]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        get_model_class("megaloc")({"feat_dim": 512, "cluster_dim": 32})
+    assert "authors evaluate" not in caplog.text

@@ -33,6 +33,11 @@ class GlobalModel(nn.Module):
         super().__init__()
         defaults = {**self.base_conf, **self.default_conf}
         self.conf = merge_conf(defaults, conf, type(self).__name__)
+        tested = self.default_conf.get("resize")
+        if tested is not None and self.conf["resize"] is not None and list(self.conf["resize"]) != list(tested):
+            # the commonest complaint in these models' trackers: recalls far below the paper's
+            logger.warning("%s: images resized to %s, but its authors evaluate it at %s (the default): recalls "
+                           "will not be the published ones", type(self).__name__, self.conf["resize"], tested)
 
     @property
     def dim(self) -> int:
