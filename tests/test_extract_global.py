@@ -154,3 +154,28 @@ def test_choose_factory():
 def test_unfitted_model_refused(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="must be fitted"):
         extract_global(VLAD_SIFT, tiny_dataset, ["x.jpg"], tmp_path / "o.zarr", device="cpu")
+
+
+def test_vlad_fit_does_not_depend_on_the_number_of_threads(tmp_path):
+    """A cluster job (2 threads) and a laptop run (1 thread) fit the same codebook and PCA, so
+    they give the same retrieval lists and recalls (the k-means and SVD run on one thread).
+    On this set (the SLURM test's) the two fits differed before: the SLURM run's recalls
+    then differed from the local run's."""
+    import torch
+
+    from pipeline.datasets.synthetic import generate
+
+    root = tmp_path / "syn"
+    generate(root, {"n_streets": 2, "street_length": 40.0, "n_queries": 8, "image_size": [160, 120], "seed": 1})
+    index_dataset(root, tmp_path / "index")
+    conf = {"name": "vlad", "local": {"name": "sift", "max_keypoints": 500}, "n_clusters": 16, "dim": 16}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fit_global(conf, root, tmp_path / "index" / "database.csv", tmp_path / f"fit_{threads}.pt", device="cpu")
+    finally:
+        torch.set_num_threads(before)
+    a, b = (torch.load(tmp_path / f"fit_{t}.pt", weights_only=True) for t in (1, 2))
+    for key in ("centroids", "pca_mean", "pca_proj"):
+        assert torch.equal(a[key], b[key]), key

@@ -33,11 +33,12 @@ class GlobalModel(nn.Module):
         super().__init__()
         defaults = {**self.base_conf, **self.default_conf}
         self.conf = merge_conf(defaults, conf, type(self).__name__)
-        tested = self.default_conf.get("resize")
-        if tested is not None and self.conf["resize"] is not None and list(self.conf["resize"]) != list(tested):
+        tested, given = self.default_conf.get("resize"), self.conf["resize"]
+        as_list = lambda r: list(r) if isinstance(r, (list, tuple)) else r  # noqa: E731 - [h, w] or a longer side
+        if tested is not None and given is not None and as_list(given) != as_list(tested):
             # the commonest complaint in these models' trackers: recalls far below the paper's
             logger.warning("%s: images resized to %s, but its authors evaluate it at %s (the default): recalls "
-                           "will not be the published ones", type(self).__name__, self.conf["resize"], tested)
+                           "will not be the published ones", type(self).__name__, given, tested)
 
     @property
     def dim(self) -> int:

@@ -10,6 +10,8 @@ stage (:meth:`VLAD.fit`), so nothing here needs learned global weights.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 
 import faiss
@@ -21,6 +23,20 @@ from ..local_features import build_model as build_local
 from .base import GlobalModel
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """FAISS's k-means and the PCA's SVD on one thread: their reductions (and so the codebook,
+    the retrieval lists and the recalls) otherwise change with the number of threads."""
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
 
 
 class VLAD(GlobalModel):
@@ -103,7 +119,12 @@ class VLAD(GlobalModel):
         if len(all_desc) < k:
             raise ValueError(f"VLAD fit: {len(all_desc)} descriptors are fewer than n_clusters={k}")
         logger.info("VLAD fit: k-means with %d clusters on %d descriptors", k, len(all_desc))
-        km = faiss.Kmeans(all_desc.shape[1], k, niter=c["kmeans_iters"], seed=c["seed"], verbose=False)
+        with one_thread():  # the same codebook and PCA whatever the job's threads (a cluster job's, a laptop's)
+            return self._fit_codebook_and_pca(all_desc, per_image)
+
+    def _fit_codebook_and_pca(self, all_desc: np.ndarray, per_image: list[np.ndarray]) -> dict:
+        c = self.conf
+        km = faiss.Kmeans(all_desc.shape[1], c["n_clusters"], niter=c["kmeans_iters"], seed=c["seed"], verbose=False)
         km.train(all_desc)
         self.centroids = torch.from_numpy(km.centroids.copy())
         state = {"centroids": self.centroids, "pca_mean": torch.zeros(0), "pca_proj": torch.zeros(0)}
