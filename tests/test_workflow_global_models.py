@@ -64,3 +64,32 @@ def test_every_modern_descriptor_target(tmp_path):
     """`snakemake results/<dataset>/megaloc.csv` and the others (about 2 minutes on 2 cores)."""
     names = list(MODELS)
     check(project(tmp_path, names), names)
+
+
+@pytest.mark.slow
+def test_megaloc_target_fetches_its_weights_and_runs_at_its_resolution(tmp_path):
+    """The README's `snakemake results/demo/megaloc.csv` with the repository's config.yaml on a
+    clone with nothing beside it: MegaLoc's registered file is downloaded (from a local mirror
+    serving a random checkpoint in the release's safetensors format) and verified into the
+    cache, and the model describes the images at its authors' 322 x 322 (a smaller demo)."""
+    from pipeline.assets import find_asset
+    from pipeline.random_weights import write_random
+
+    from .http_assets import Route, serve
+    from .test_fresh_clone import clone, environment, mirror_path, run
+
+    asset = find_asset("megaloc")
+    blob = tmp_path / "model.safetensors"
+    write_random("megaloc", blob)
+    wd = clone(tmp_path / "clone")
+    routes = {mirror_path(asset.urls[0]): Route(blob.read_bytes())}
+    with serve(routes) as s:
+        code, out = run(wd, environment(tmp_path, s.url), "results/demo/megaloc.csv")
+        assert code == 0, out[-5000:]
+        assert {p for p, _ in s.requests} == set(routes)
+    assert (tmp_path / "cache" / asset.file).read_bytes() == blob.read_bytes()
+    row = pd.read_csv(wd / "results" / "demo" / "megaloc.csv").iloc[0]
+    assert row.n_queries_evaluated == 8 and row.resize == "[322, 322]", row
+    assert str(row.weights).startswith("megaloc_model.safetensors sha256:"), row.weights
+    info = (wd / "work" / "demo" / "global" / "megaloc" / "faiss.index.json").read_text()
+    assert '"dim": 8448' in info
