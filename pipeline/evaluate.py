@@ -148,7 +148,9 @@ def results_row(topk: TopK, dataset: str, method: str, conf: dict, threshold: fl
            **evaluate_topk(topk, threshold, ns, positions, index_summary)}
     row["index"] = topk.meta.get("index", "")
     model = conf.get("model", {})
-    row["resize"] = json.dumps(_model_resize(model)) if model else ""
+    # the size the model described the images at (recorded by extraction: its authors' default
+    # when the conf sets none, e.g. MegaLoc's [322, 322]), else the conf's
+    row["resize"] = json.dumps(topk.meta.get("input_size", model.get("resize"))) if model else ""
     row["seed"] = model.get("seed", "") if model else ""
     if model:  # the checkpoint it ran on: "RANDOM ..." for random checkpoints, else file + sha256
         from .random_weights import weights_label
@@ -157,22 +159,6 @@ def results_row(topk: TopK, dataset: str, method: str, conf: dict, threshold: fl
     row["conf"] = conf
     row["imported_from"] = topk.meta.get("imported_from", "")
     return row
-
-
-def _model_resize(model: dict):
-    """The size a global model described the images at: its conf's ``resize``, else its own
-    default (the authors' test resolution: MegaLoc's [322, 322]); BoQ resizes inside the model."""
-    from .global_features import REGISTRY
-
-    try:
-        resize = REGISTRY.full_conf(model).get("resize")
-    except (KeyError, ValueError):  # a model this version does not know: the conf's own value
-        return model.get("resize")
-    if resize is None and model.get("name") == "boq":
-        from .global_features.boq import model_image_size
-
-        return model_image_size(model.get("backbone", "resnet50"), None)
-    return resize
 
 
 def top1_changes(retrieval: TopK, reranked: TopK, threshold: float = 25.0, positions=None) -> dict:

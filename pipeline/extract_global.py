@@ -189,6 +189,8 @@ def extract_global(
         **signature, **(meta or {}), "errors": errors,
         "n_valid": int(np.asarray(valid_arr[:]).sum()), "seconds": elapsed,
         "extracted_this_run": len(todo_idx), "resumed_chunks": len(done),
+        # the size the model described the images at (its authors' default unless the conf set one)
+        "input_size": getattr(model, "image_size", None) or model.conf.get("resize"),
     }
     group.attrs.update(attrs)
     with atomic_path(out) as tmp:

@@ -537,6 +537,7 @@ def search(index_path, query_store, out, k: int = 100, batch_size: int = 1024, n
     topk = TopK(
         np.array(qnames, dtype=object), names, db_rows, dist,
         {**(meta or {}), "k": k_eff, "index": info["factory"], "metric": metric, "nprobe": nprobe,
+         "input_size": q.attrs.get("input_size"),
          "rescored": k_search if k_search > k_eff else 0, "skipped_queries": skipped, "n_database": n_db},
     )
     write_topk(out, topk)
