@@ -27,6 +27,7 @@ from pipeline.global_features.megaloc import (
 )
 from pipeline.images import target_size
 from tests.reference.random_state import seeded_state_dict
+from .test_salad import _tagged  # the same tiny stand-in checkpoints
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "megaloc_reference.npz")
 SIZES = ("feat_dim", "num_clusters", "cluster_dim", "token_dim", "mlp_dim")
@@ -124,15 +125,6 @@ def test_default_resolution_is_322():
     """The authors evaluate at 322 x 322 (gmberton/MegaLoc issue #2); the loader resizes to it."""
     assert MegaLoc.default_conf["resize"] == [322, 322]
     assert target_size(640, 480, MegaLoc.default_conf["resize"]) == (322, 322)
-
-
-def _tagged(sd: dict) -> dict:
-    """Small stand-ins with a distinct value per key: one stored row, broadcast over the leading
-    dims (tiny files that still load quickly)."""
-    return {
-        k: torch.tensor(i / 1000) if not sd[k].dim() else torch.full(sd[k].shape[-1:], i / 1000).expand(sd[k].shape)
-        for i, k in enumerate(sorted(sd))
-    }
 
 
 @contextlib.contextmanager
